@@ -1,0 +1,210 @@
+"""Public entry points: make_plan and parallelize."""
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
+
+from . import collectives
+from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
+from .localize import install, trace_localized
+from .plan import Entry, Plan, glob_of, load_plan
+from .planner import Analysis, compress, plan_graph
+from .rewrite import apply_patches, resolve, swap_layers
+from .trace import Captured, capture, meta_copy, split_inputs, to_meta
+
+log = logging.getLogger(__name__)
+
+
+def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Plan:
+    """Analyse ``model`` (no process group, no weights touched; meta models work) and return its Plan.
+
+    >>> plan = make_plan(MyModel(cfg), 2, example_inputs=(torch.randint(0, 100, (2, 16)),))  # doctest: +SKIP
+    >>> plan.save("my_model.tp2.plan")  # doctest: +SKIP
+    """
+    return analyse(model, tp, example_inputs=example_inputs, strict=strict).plan
+
+
+def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Analysis:
+    """make_plan, keeping the analysis (layouts per node) for checks and tests."""
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    c = capture(model, example_inputs)
+    a = plan_graph(c, tp, model=type(model).__name__, strict=strict)
+    swapped = {e.path for e in a.plan.entries if e.style in ("colwise", "rowwise")}
+    owners = []
+    for n, _, _ in a.shape_consts:
+        o = Captured.owner(n)
+        if o and glob_of(o) not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
+            owners.append(o)
+    if not owners or not verify(model, a, c, example_inputs):
+        return a
+    entries = list(a.plan.entries)
+    for pattern in dict.fromkeys(glob_of(o) for o in owners):
+        mine = [o for o in owners if glob_of(o) == pattern]
+        patch = _find_patch(model, a, c, example_inputs, entries, pattern, mine)
+        if patch is not None:
+            entries.append(patch)
+            continue
+        entries += [Entry(o, "localize", (), "sizes along sharded dims are baked into its reshapes; "
+                          "its forward is rewritten to local sizes") for o in mine]
+    a.plan = a.plan.with_entries(compress(entries))
+    again = verify(model, a, c, example_inputs)
+    if again:
+        raise RewriteError("the sharded model does not agree with the plan after patching/localizing "
+                           f"{owners}: {[m for _, m in again[:3]]}. Please report this with the plan file.")
+    return a
+
+
+def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any, entries: list[Entry],
+                pattern: str, owners: list[str]) -> Entry | None:
+    """Integer attributes of the owner that, set to local values, make every shape agree.
+
+    The search is by value, never by name: an attribute is a candidate when it equals a size
+    the planner found baked into a reshape along a sharded dim.
+    """
+    tp = a.plan.tp
+    lits = {g for n, _, g in a.shape_consts if glob_of(Captured.owner(n)) == pattern}
+    mod = model.get_submodule(owners[0])
+    cands = sorted(k for k, v in vars(mod).items() if type(v) is int and v in lits and v % tp == 0)
+    path = pattern if len(owners) > 1 else owners[0]
+    for r in range(1, min(len(cands), 3) + 1):
+        for combo in itertools.combinations(cands, r):
+            e = Entry(path, "patch", tuple((k, str(getattr(mod, k) // tp)) for k in combo),
+                      "sizes along sharded dims come from these attributes; set to local values")
+            a.plan = a.plan.with_entries(compress(entries + [e]))
+            bad = [o for o, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern]
+            if not bad:
+                return e
+    return None
+
+
+def _concrete(a: Analysis) -> set[str]:
+    return {s.module + "." for s in a.sites.values()}
+
+
+def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list[tuple[str | None, str]]:
+    """Rewrite a meta copy at local shapes, capture it again and compare every shape with the plan."""
+    m = meta_copy(model)
+    with collectives.dry_run():
+        try:
+            _apply(m, a.plan, rank=0, tp=a.plan.tp, group=None, example_inputs=example_inputs)
+            c2 = capture(m, example_inputs)
+        except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
+            return [(None, str(e).splitlines()[0][:300])]
+    swapped = {s.module for s in a.sites.values()}
+    return _compare(c, c2, a.layouts, swapped, a.plan.tp)
+
+
+def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int) -> list[tuple[str, str]]:
+    def seq(g: Captured) -> dict[str, list[fx.Node]]:
+        out: dict[str, list[fx.Node]] = {}
+        for n in g.graph.nodes:
+            if n.op == "call_function" and g.shape(n) is not None:
+                o = g.owner(n)
+                if o not in swapped:
+                    out.setdefault(o, []).append(n)
+        return out
+
+    s1, s2, problems = seq(c), seq(c2), []
+    for owner, nodes in s1.items():
+        other = s2.get(owner, [])
+        if [n.target for n in nodes] != [n.target for n in other]:
+            problems.append((owner, f"module '{owner}' runs different ops after sharding"))
+            continue
+        for n, m in zip(nodes, other):
+            want = list(c.shape(n))
+            lay = layouts.get(n)
+            if lay is not None and not isinstance(lay, list):
+                want[lay.dim] //= tp
+            if list(c2.shape(m)) != want:
+                problems.append((owner, f"{n.format_node()} in '{owner}': local shape {list(c2.shape(m))}, "
+                                        f"expected {want}"))
+    return problems
+
+
+def _apply(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, example_inputs: Any) -> nn.Module:
+    resolved = resolve(model, plan)
+    local_paths = [p for p, e in resolved.items() if e.style == "localize"]
+    inputs = {}
+    if local_paths:
+        if example_inputs is None:
+            raise PlanMismatchError(f"the plan rewrites the forward of {local_paths} (localize), which needs "
+                                    f"example_inputs: pass parallelize(..., example_inputs=(x,))")
+        dense = meta_copy(model)
+        inputs = _module_inputs(dense, local_paths, example_inputs)
+    swap_layers(model, resolved, rank=rank, tp=tp, group=group)
+    apply_patches(model, resolved)
+    for p in local_paths:
+        mod = model.get_submodule(p)
+        local = meta_copy(mod)
+        graphs = {}
+        for mode in (True, False):
+            was = mod.training
+            for x in (mod, local, dense.get_submodule(p)):
+                x.train(mode)
+            try:
+                graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], tp)
+            finally:
+                for x in (mod, local, dense.get_submodule(p)):
+                    x.train(was)
+        install(mod, graphs)
+    return model
+
+
+def _module_inputs(dense_meta: nn.Module, paths: list[str], example_inputs: Any) -> dict[str, tuple]:
+    got: dict[str, tuple] = {}
+    hooks = [dense_meta.get_submodule(p).register_forward_pre_hook(
+        (lambda p: lambda m, a, k: got.setdefault(p, (a, k)))(p), with_kwargs=True) for p in paths]
+    args, kwargs = split_inputs(example_inputs)
+    try:
+        with torch.no_grad():
+            dense_meta(*to_meta(args), **to_meta(kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [p for p in paths if p not in got]
+    if missing:
+        raise RewriteError(f"modules {missing} were not called by the model's forward on example_inputs")
+    return got
+
+
+def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | Path | None = None,
+                example_inputs: Any = None, group: Any = None) -> nn.Module:
+    """Shard ``model`` in place over ``group`` (default: the world) and return it.
+
+    >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
+    >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        if tp == 1 or (isinstance(plan, Plan) and plan.tp == 1):
+            return model
+        raise GroupError("no process group is initialized: call torch.distributed.init_process_group("
+                         "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    tp = world if tp is None else tp
+    if tp != world:
+        raise GroupError(f"tp={tp} but the process group has {world} ranks; tp must equal the group size "
+                         f"(use tp={world}, or pass group=dist.new_group(ranks) with {tp} ranks)")
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    if plan is None:
+        plan = make_plan(model, tp, example_inputs=example_inputs)
+    if plan.tp != tp:
+        raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
+                                f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
+    rank = dist.get_rank(group)
+    if tp > 1:
+        _apply(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+    if rank == 0:
+        n = sum(1 for e in plan.entries if e.style in ("colwise", "rowwise"))
+        log.info("autotp: %s parallelized at tp=%d (%d plan lines shard modules; %s)", type(model).__name__, tp, n,
+                 "; ".join(plan.summary))
+    return model

@@ -1,0 +1,110 @@
+"""Sharded linear layers, built from dense ones. The slicing math is pure (no process group).
+
+Weights keep the orientation of the dense module: ``out_in`` is ``nn.Linear``'s
+``[out, in]``; ``in_out`` is the ``[in, out]`` of GPT-2's ``Conv1D`` and of ``x @ W`` code.
+State-dict keys stay ``weight``/``bias``, so checkpoints keep their names.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .collectives import CopyCache, copy_to_tp, is_dry, reduce_from_tp
+
+_COPY_CACHE = CopyCache()
+
+
+def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Index ranges along one dim that ``rank`` keeps.
+
+    Each segment (a fused projection's q|k|v parts; one segment by default) is split
+    into ``tp`` equal contiguous pieces and rank ``r`` keeps piece ``r`` of every segment.
+
+    >>> shard_ranges(12, 1, 2, [4, 4, 4])
+    [(2, 4), (6, 8), (10, 12)]
+    """
+    segments = list(segments) if segments else [size]
+    if sum(segments) != size:
+        raise ValueError(f"segments {segments} do not add up to size {size}")
+    out, off = [], 0
+    for seg in segments:
+        if seg % tp:
+            raise ValueError(f"segment of size {seg} is not divisible by tp={tp}")
+        step = seg // tp
+        out.append((off + rank * step, off + (rank + 1) * step))
+        off += seg
+    return out
+
+
+def shard_tensor(t: torch.Tensor, dim: int, rank: int, tp: int, segments: Sequence[int] | None = None) -> torch.Tensor:
+    """The local slice of ``t`` along ``dim`` (contiguous, a copy: the dense tensor can be freed)."""
+    ranges = shard_ranges(t.shape[dim], rank, tp, segments)
+    parts = [t.narrow(dim, a, b - a) for a, b in ranges]
+    if len(parts) == 1:  # a copy, so the dense storage is not kept alive by a view
+        return parts[0].clone(memory_format=torch.contiguous_format)
+    return torch.cat(parts, dim)
+
+
+def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=like.requires_grad)
+
+
+class _ParallelLinear(nn.Module):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, group, tp: int, rank: int):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.in_out, self.group, self.tp, self.rank = in_out, group, tp, rank
+        self.in_features, self.out_features = weight.shape if in_out else (weight.shape[1], weight.shape[0])
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.in_out:
+            y = x @ self.weight  # (..., in) @ (in, out)
+            return y + bias if bias is not None else y
+        return F.linear(x, self.weight, bias)
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """Output features sharded: ``y_local = f(x) @ W_local + b_local``. No forward communication."""
+
+    style = "colwise"
+
+    @classmethod
+    def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
+                   group=None, segments: Sequence[int] | None = None) -> "ColumnParallelLinear":
+        w = shard_tensor(weight.detach(), 1 if in_out else 0, rank, tp, segments)
+        b = shard_tensor(bias.detach(), 0, rank, tp, segments) if bias is not None else None
+        return cls(_param(w, weight), _param(b, bias) if b is not None else None,
+                   in_out=in_out, group=group, tp=tp, rank=rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp > 1 and not is_dry():
+            x = copy_to_tp(x, self.group, _COPY_CACHE)
+        return self._linear(x, self.bias)  # (..., out/tp)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out_local={self.out_features}, tp={self.tp}, rank={self.rank}"
+
+
+class RowParallelLinear(_ParallelLinear):
+    """Input features sharded: ``y = g(x_local @ W_local) + b``; the bias is added once, after the sum."""
+
+    style = "rowwise"
+
+    @classmethod
+    def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
+                   group=None, segments: Sequence[int] | None = None) -> "RowParallelLinear":
+        w = shard_tensor(weight.detach(), 0 if in_out else 1, rank, tp, segments)
+        return cls(_param(w, weight), bias, in_out=in_out, group=group, tp=tp, rank=rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in/tp)
+        _COPY_CACHE.clear()  # the group is closing: its input will not be read by its columns again
+        y = self._linear(x, None)
+        if self.tp > 1 and not is_dry():
+            y = reduce_from_tp(y, self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_local={self.in_features}, out={self.out_features}, tp={self.tp}, rank={self.rank}"

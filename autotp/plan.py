@@ -1,0 +1,194 @@
+"""The plan: frozen dataclasses and their text form. No torch.distributed, no torch at all.
+
+One line per module path (``*`` stands for one path component, e.g. a layer index)::
+
+    transformer.h.*.attn.c_attn  colwise in=64 out=192 w=out_in seg=64,64,64  # why
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable
+
+from .errors import PlanFormatError, PlanMismatchError
+
+FORMAT = "autotp-plan 1"
+STYLES = {
+    "colwise": {"in", "out", "w", "seg"},  # output features sharded (seg: fused segments, each sharded)
+    "rowwise": {"in", "out", "w"},  # input features sharded, one all-reduce after
+    "replicate": {"in", "out", "w"},  # every rank keeps the whole module
+    "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
+    "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
+}
+_INT_KEYS = {"in", "out"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of a plan: a module path (or glob), a style, parameters and the reason."""
+
+    path: str
+    style: str
+    params: tuple[tuple[str, str], ...] = ()
+    reason: str = ""
+    line: int = field(default=0, compare=False)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.params).get(key, default)
+
+    def ints(self, key: str) -> list[int] | None:
+        v = self.get(key)
+        return [int(x) for x in v.split(",")] if v else None
+
+    def to_text(self) -> str:
+        kv = " ".join(f"{k}={v}" for k, v in self.params)
+        body = f"{self.path}  {self.style}" + (f" {kv}" if kv else "")
+        return body + (f"  # {self.reason}" if self.reason else "")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do to each module, for one tp. Same model -> byte-identical text.
+
+    >>> p = Plan(2, (Entry("mlp.*.fc1", "colwise", (("in", "8"), ("out", "32"), ("w", "out_in"))),))
+    >>> Plan.from_text(p.to_text()) == p
+    True
+    """
+
+    tp: int
+    entries: tuple[Entry, ...]
+    model: str = ""
+    summary: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ text
+    def to_text(self) -> str:
+        lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
+                 "# <module path or glob>  <style> [key=value ...]  # reason",
+                 "# styles: colwise (seg=fused segments) | rowwise | replicate | patch attr=N | localize",
+                 *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
+        if self.model:
+            lines.append(f"model {self.model}")
+        width = max((len(e.path) for e in self.entries), default=0)
+        for e in self.entries:
+            kv = " ".join(f"{k}={v}" for k, v in e.params)
+            body = f"{e.path.ljust(width)}  {e.style}" + (f" {kv}" if kv else "")
+            lines.append(body + (f"  # {e.reason}" if e.reason else ""))
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_text())
+
+    @classmethod
+    def from_text(cls, text: str, source: str = "<plan>") -> "Plan":
+        tp, model, entries, summary, seen_format = None, "", [], [], False
+        for no, raw in enumerate(text.splitlines(), 1):
+            body, _, reason = raw.partition("#")
+            body, reason = body.strip(), reason.strip()
+            if not body:
+                continue
+            words = body.split()
+            if body == FORMAT:
+                seen_format = True
+            elif words[0] == "tp":
+                if len(words) != 2 or not words[1].isdigit() or int(words[1]) < 1:
+                    raise PlanFormatError(f"{source}:{no}: '{raw.strip()}': expected 'tp N' with N >= 1")
+                tp = int(words[1])
+            elif words[0] == "model":
+                model = " ".join(words[1:])
+            else:
+                entries.append(_parse_entry(words, reason, source, no, raw))
+        if not seen_format:
+            raise PlanFormatError(f"{source}: no '{FORMAT}' line: this is not an autotp plan file "
+                                  f"(write one with autotp.make_plan(...).save(path))")
+        if tp is None:
+            raise PlanFormatError(f"{source}: no 'tp N' line; add one, e.g. 'tp 2'")
+        return cls(tp, tuple(entries), model, tuple(summary))
+
+    # ------------------------------------------------------------------ matching
+    def resolve(self, modules: Iterable[str], model_name: str = "the model") -> dict[str, Entry]:
+        """Map each concrete module path to its entry; every line must match some module."""
+        names = [m for m in modules if m]
+        out: dict[str, Entry] = {}
+        exact = {e.path for e in self.entries if "*" not in e.path}
+        for e in self.entries:
+            rx = glob_regex(e.path)
+            hits = [m for m in names if rx.fullmatch(m)]
+            if not hits:
+                near = _closest(e.path, names)
+                raise PlanMismatchError(
+                    f"plan line {e.line or '?'}: '{e.path}' matches no module of {model_name}"
+                    + (f" (closest: '{near}')" if near else "")
+                    + ". Fix: correct the path, or make a new plan with autotp.make_plan for this model.")
+            for m in hits:
+                if "*" in e.path and m in exact:
+                    continue  # an exact line overrides a glob
+                if m in out and not ("*" in out[m].path and "*" not in e.path):
+                    raise PlanMismatchError(f"plan lines {out[m].line} and {e.line} both match module '{m}'"
+                                            f" ('{out[m].path}' {out[m].style} vs '{e.path}' {e.style}); keep one")
+                out[m] = e
+        return out
+
+    def with_entries(self, entries: Iterable[Entry]) -> "Plan":
+        return replace(self, entries=tuple(entries))
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    return re.compile(r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+
+
+def glob_of(path: str) -> str:
+    """Replace every numeric path component by ``*``: ``h.3.attn`` -> ``h.*.attn``."""
+    return ".".join("*" if p.isdigit() else p for p in path.split("."))
+
+
+def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) -> Entry:
+    where = f"{source}:{no}: '{raw.strip()}'"
+    if len(words) < 2:
+        raise PlanFormatError(f"{where}: expected '<module path> <style> [key=value ...]'")
+    path, style = words[0], words[1]
+    if style not in STYLES:
+        raise PlanFormatError(f"{where}: unknown style '{style}'; use one of {', '.join(sorted(STYLES))}")
+    if not re.fullmatch(r"[A-Za-z0-9_*]+(\.[A-Za-z0-9_*]+)*", path):
+        raise PlanFormatError(f"{where}: '{path}' is not a module path (dot-separated names, '*' for one part)")
+    params = []
+    for kv in words[2:]:
+        k, eq, v = kv.partition("=")
+        if style == "patch" and eq and k.isidentifier() and v.lstrip("-").isdigit():
+            params.append((k, v))
+            continue
+        if style == "patch":
+            raise PlanFormatError(f"{where}: patch takes attribute=integer pairs, got '{kv}'")
+        if not eq or k not in STYLES[style]:
+            allowed = ", ".join(sorted(STYLES[style])) or "none"
+            raise PlanFormatError(f"{where}: bad parameter '{kv}' for {style}; allowed keys: {allowed}")
+        if k in _INT_KEYS and not v.isdigit():
+            raise PlanFormatError(f"{where}: {k}={v} must be a whole number")
+        if k == "w" and v not in ("out_in", "in_out"):
+            raise PlanFormatError(f"{where}: w={v} must be out_in ([out, in] weight) or in_out ([in, out])")
+        if k == "seg" and not re.fullmatch(r"\d+(,\d+)*", v):
+            raise PlanFormatError(f"{where}: seg={v} must be comma-separated sizes, e.g. seg=64,64,64")
+        params.append((k, v))
+    e = Entry(path, style, tuple(params), reason, line=no)
+    seg, out = e.ints("seg"), e.ints("out")
+    if seg and out and sum(seg) != out[0]:
+        raise PlanFormatError(f"{where}: seg sizes add up to {sum(seg)}, not out={out[0]}")
+    return e
+
+
+def _closest(path: str, names: list[str]) -> str | None:
+    import difflib
+
+    hit = difflib.get_close_matches(path, names, n=1, cutoff=0.5)
+    return hit[0] if hit else None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file written by ``Plan.save`` (or by hand).
+
+    >>> # plan = autotp.load_plan("plans/gpt2.tp2.plan")
+    """
+    p = Path(path)
+    if not p.exists():
+        raise PlanFormatError(f"plan file '{path}' does not exist")
+    return Plan.from_text(p.read_text(), source=str(path))

@@ -1,0 +1,365 @@
+"""Planner: captured graph -> Plan. Pure: reads the graph, never touches weights or processes.
+
+Greedy groups over the dataflow. Each linear-like node whose input is replicated may open
+a column group; its sharded output is propagated through the rule table until row
+projections close it (one all-reduce each). A rule that needs another operand sharded
+(attention's k and v, a gated MLP's up) pulls that operand's projection into the group; a
+rule that says "no" demotes the group to replicate, with the reason recorded.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import ShardingError
+from .plan import Entry, Plan, glob_of
+from .rules import Need, NoRule, Shard, rule_for
+from .trace import Captured
+
+aten = torch.ops.aten
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
+_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int}
+
+
+@dataclass
+class Site:
+    """A node that multiplies an activation by a parameter (``linear``, ``addmm``, ``x @ W``)."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: str
+    bias: str | None
+    in_out: bool  # weight stored [in, out] (Conv1D, x @ W) rather than [out, in]
+    module: str
+    in_features: int
+    out_features: int
+    blocker: str | None = None  # why this module cannot be swapped for a sharded layer
+
+
+@dataclass
+class Analysis:
+    """Everything the planner decided, for make_plan's checks and for tests."""
+
+    plan: Plan
+    layouts: dict[fx.Node, Any]
+    sites: dict[fx.Node, Site]
+    shape_consts: list[tuple[fx.Node, int, int]] = field(default_factory=list)
+    groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
+
+
+def find_sites(c: Captured) -> dict[fx.Node, Site]:
+    sites: dict[fx.Node, Site] = {}
+    for n in c.graph.nodes:
+        s = _site(c, n)
+        if s is not None:
+            sites[n] = s
+    by_weight: dict[str, list[Site]] = {}
+    for s in sites.values():
+        by_weight.setdefault(s.weight, []).append(s)
+    for n in c.graph.nodes:  # every use of each weight, not only linear-like ones
+        name = c.param_name(n)
+        if name in by_weight:
+            uses = _uses(n)
+            if len(uses) > 1:
+                for s in by_weight[name]:
+                    s.blocker = f"its weight {name} is used by {len(uses)} ops (shared/tied or applied twice)"
+    for s in sites.values():
+        s.blocker = s.blocker or _purity(c, s)
+    return sites
+
+
+def _uses(p: fx.Node) -> list[fx.Node]:
+    out = []
+    for u in p.users:
+        out.extend(_uses(u) if u.target in _TRANSPOSES else [u])
+    return out
+
+
+def _site(c: Captured, n: fx.Node) -> Site | None:
+    if n.op != "call_function":
+        return None
+    a, bias, in_out = None, None, False
+    if n.target is aten.linear.default and c.param_name(n.args[1]):
+        x, w = n.args[0], n.args[1]
+        bias = n.args[2] if len(n.args) > 2 else None
+    elif n.target is aten.addmm.default and c.param_name(n.args[2]):
+        bias, x, w, in_out = n.args[0], n.args[1], n.args[2], True
+    elif n.target in (aten.matmul.default, aten.mm.default):
+        x, w = n.args[0], n.args[1]
+        if c.param_name(w):
+            in_out = True
+        elif isinstance(w, fx.Node) and w.target in _TRANSPOSES and c.param_name(w.args[0]):
+            w = w.args[0]
+        else:
+            return None
+        adds = [u for u in n.users if u.target is aten.add.Tensor and c.param_name(u.args[1])
+                and c.owner(u) == c.owner(n)]
+        bias = adds[0].args[1] if len(adds) == 1 else None
+    else:
+        return None
+    ws = c.shape(w)
+    if ws is None or len(ws) != 2:
+        return None
+    wname = c.param_name(w)
+    module, _, _ = wname.rpartition(".")
+    in_f, out_f = (ws[0], ws[1]) if in_out else (ws[1], ws[0])
+    return Site(n, x, wname, c.param_name(bias) if bias is not None else None, in_out, module, in_f, out_f)
+
+
+def _purity(c: Captured, s: Site) -> str | None:
+    """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops."""
+    if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
+        return f"its parameters are not named weight/bias ({s.weight})"
+    if c.owner(s.node) != s.module:
+        return f"its weight {s.weight} is used outside module '{s.module}'"
+    own = [n for n in c.graph.nodes if n.op == "call_function" and c.owner(n) == s.module]
+    extra = [n for n in own if n is not s.node and n.target not in _SHAPE_ONLY | _TRANSPOSES
+             and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
+    if extra:
+        return f"module '{s.module}' computes more than one linear ({_op(extra[0])})"
+    mine = {v for v in c.params.values() if v.rpartition(".")[0] == s.module}
+    if mine - {s.weight, s.bias}:
+        return f"module '{s.module}' has other parameters ({', '.join(sorted(mine - {s.weight, s.bias}))})"
+    return None
+
+
+def _op(n: fx.Node) -> str:
+    t = n.target
+    return f"aten.{t._overloadpacket.__name__}" if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+class _Grower:
+    """Propagates one tentative group's layouts on top of the committed ones."""
+
+    def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int):
+        self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
+        self.tent: dict[fx.Node, Any] = {}
+        self.segs: dict[str, list[int]] = {}
+        self.consts: list[tuple[fx.Node, int, int]] = []
+
+    # --- the Ctx the rules see
+    def layout(self, n: Any):
+        if not isinstance(n, fx.Node):
+            return None
+        return self.tent[n] if n in self.tent else self.committed.get(n)
+
+    def shape(self, n: Any):
+        return self.c.shape(n)
+
+    def segments(self, root: str, sizes: list[int], node: fx.Node) -> None:
+        if self.segs.get(root, sizes) != sizes:
+            raise NoRule(f"{node.name} splits a fused projection into {sizes}, elsewhere into {self.segs[root]}")
+        self.segs[root] = sizes
+
+    def shape_const(self, node: fx.Node, pos: int, global_: int) -> None:
+        self.consts.append((node, pos, global_))
+
+    # --- propagation
+    def run(self, cols: list[Site]) -> list[Site]:
+        order = self.c.order
+        heap: list[tuple[int, fx.Node]] = []
+        rows: list[Site] = []
+        colnodes = {s.node for s in cols}
+        for s in cols:
+            self.tent[s.node] = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name)
+            for u in s.node.users:
+                heapq.heappush(heap, (order[u], u))
+        done = set()
+        while heap:
+            _, n = heapq.heappop(heap)
+            if n in done:
+                continue
+            done.add(n)
+            ins = []
+            fx.node.map_arg((n.args, n.kwargs), ins.append)
+            if not any(self.layout(a) is not None for a in ins):
+                continue
+            if n.op == "output":
+                raise _at(n, NoRule(f"the model's output would be sharded (at {n.name})"))
+            if n in colnodes or n in self.committed:
+                raise _at(n, NoRule(f"{n.name} would both open the group and read its sharded value"))
+            site = self.sites.get(n)
+            if site is not None and self._closes(site):
+                rows.append(site)
+                self.tent[n] = None
+                continue
+            rule = rule_for(n.target)
+            if rule is None:
+                raise _at(n, NoRule(f"no sharding rule for {_op(n)} (at {n.name}); the value must be replicated"))
+            try:
+                out = rule(self, n)
+            except (NoRule, Need) as e:
+                raise _at(n, e)
+            self.tent[n] = out
+            if out is not None:
+                for u in n.users:
+                    heapq.heappush(heap, (order[u], u))
+        return rows
+
+    def _closes(self, s: Site) -> bool:
+        lay = self.layout(s.x)
+        return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and s.blocker is None
+                and s.node not in self.roles and s.in_features % self.tp == 0)
+
+
+def _at(n: fx.Node, e: Exception) -> Exception:
+    e.node = getattr(e, "node", n)
+    return e
+
+
+def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) -> Analysis:
+    """Decide column/row/replicate for every linear-like node of a captured graph.
+
+    ``strict``: a group that fails only because tp does not divide a size raises ShardingError
+    (listing the tp values that work) instead of silently replicating.
+    """
+    sites = find_sites(c)
+    roles: dict[fx.Node, str] = {}
+    reasons: dict[fx.Node, str] = {}
+    committed: dict[fx.Node, Any] = {}
+    analysis = Analysis(Plan(tp, ()), committed, sites)
+    segments: dict[str, list[int]] = {}
+    indivisible: list[tuple[list[Site], NoRule]] = []
+    for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
+        if s.node in roles:
+            continue
+        if s.blocker is not None:
+            roles[s.node], reasons[s.node] = "replicate", s.blocker
+            continue
+        if committed.get(s.x) is not None or tp == 1:
+            continue
+        cols, err = [s], None
+        while True:
+            g = _Grower(c, sites, committed, roles, tp)
+            try:
+                bad = [x for x in cols if x.out_features % tp]
+                if bad:
+                    raise _at(bad[0].node, NoRule(f"out features {bad[0].out_features} of '{bad[0].module}' "
+                                                  f"not divisible by tp={tp}", sizes=(bad[0].out_features,)))
+                rows = g.run(cols)
+            except Need as e:
+                more = [x for x in _producers(c, sites, e.value) if x not in cols and x.node not in roles
+                        and x.blocker is None and committed.get(x.x) is None]
+                if more:
+                    cols += more
+                    continue
+                err = NoRule(f"{e.value.name} would have to be sharded on dim {e.layout.dim} for "
+                             f"{_op(e.node)}, and no column projection produces it")
+                err.node = e.node
+            except NoRule as e:
+                err = e
+            break
+        if err is None and not rows:
+            err = NoRule("no row projection closes the group")
+            err.node = cols[0].node
+        if err is not None:
+            why = _describe(c, err)
+            if err.sizes:
+                indivisible.append((cols, err))
+            for x in cols:
+                roles[x.node], reasons[x.node] = "replicate", f"sharding it would fail: {why}"
+            continue
+        committed.update(g.tent)
+        analysis.shape_consts += g.consts
+        analysis.groups.append((cols, rows))
+        segments.update(g.segs)
+        gname = glob_of(_common([x.module for x in cols + rows]))
+        for x in cols:
+            roles[x.node], reasons[x.node] = "colwise", f"opens group {gname or '<root>'}"
+        for x in rows:
+            roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
+    if strict and indivisible:
+        raise _indivisible_error(indivisible, tp)
+    entries, seen = [], set()
+    for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
+        if s.module in seen:
+            continue
+        seen.add(s.module)
+        style = roles.get(s.node, "replicate")
+        reason = reasons.get(s.node, "its input is already sharded" if tp > 1 else "tp=1")
+        params = [("in", str(s.in_features)), ("out", str(s.out_features)), ("w", "in_out" if s.in_out else "out_in")]
+        seg = segments.get(s.node.name)
+        if style == "colwise" and seg and len(seg) > 1:
+            params.append(("seg", ",".join(map(str, seg))))
+            reason += f"; fused output split into {len(seg)} segments, each sharded"
+        entries.append(Entry(s.module, style, tuple(params), reason))
+    rows_n = sum(len(r) for _, r in analysis.groups)
+    summary = (f"{len(analysis.groups)} groups; all-reduces per forward: {rows_n}",)
+    analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
+    return analysis
+
+
+def _producers(c: Captured, sites: dict[fx.Node, Site], v: fx.Node) -> list[Site]:
+    """Linear-like nodes reached walking back from ``v`` without crossing another one."""
+    out, seen, stack = [], set(), [v]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n in sites:
+            out.append(sites[n])
+            continue
+        fx.node.map_arg((n.args, n.kwargs), stack.append)
+    return sorted(out, key=lambda s: c.order[s.node])
+
+
+def _describe(c: Captured, e: Exception) -> str:
+    n = getattr(e, "node", None)
+    text = str(getattr(e, "reason", e))
+    if n is None:
+        return text
+    if n.op == "output":
+        return "the model's output would be sharded"
+    where = f"{_op(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
+    text = re.sub(r"\s*\(at [\w.]+\)", "", text)
+    text = re.sub(rf"(?<![\w.]){re.escape(n.name)} \([^)]*\)", where, text)
+    return re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", where, text)
+
+
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for xs in zip(*parts):
+        if len(set(xs)) != 1:
+            break
+        out.append(xs[0])
+    return ".".join(out)
+
+
+def _indivisible_error(fails: list, tp: int) -> ShardingError:
+    sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
+    ok = [t for t in range(1, max(sizes) + 1) if all(s % t == 0 for s in sizes)]
+    cols, e = fails[0]
+    mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
+    return ShardingError(
+        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}. "
+        f"tp values that divide them: {ok}. Fix: use one of those tp values, or edit the plan to "
+        f"replicate these modules.")
+
+
+def compress(entries: list[Entry]) -> list[Entry]:
+    """Write repeated layers once, as a glob, when every instance has the same line."""
+    buckets: dict[str, list[Entry]] = {}
+    for e in entries:
+        buckets.setdefault(glob_of(e.path), []).append(e)
+    out, done = [], set()
+    for e in entries:
+        g = glob_of(e.path)
+        if g in done:
+            continue
+        b = buckets[g]
+        if len(b) > 1 and len({(x.style, x.params, x.reason) for x in b}) == 1 and len({x.path for x in b}) == len(b):
+            out.append(Entry(g, e.style, e.params, e.reason))
+            done.add(g)
+        elif g == e.path or len(b) == 1:
+            out.append(e)
+            done.add(g) if len(b) == 1 else None
+        else:
+            out.append(e)
+    return out

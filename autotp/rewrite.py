@@ -1,0 +1,85 @@
+"""Rewrite: the only place that mutates a model. Swaps planned modules for sharded layers."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import PlanMismatchError, ShardingError
+from .layers import ColumnParallelLinear, RowParallelLinear
+from .plan import Entry, Plan
+
+log = logging.getLogger(__name__)
+_LAYERS = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear}
+
+
+def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
+    """Concrete module path -> entry, checking every planned module against the model."""
+    modules = dict(model.named_modules())
+    resolved = plan.resolve(modules.keys(), type(model).__name__)
+    for path, e in resolved.items():
+        if e.style in ("colwise", "rowwise", "replicate") and e.get("w"):
+            _check_shapes(path, modules[path], e, plan.tp)
+    return resolved
+
+
+def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 2:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' {e.style}): module '{path}' "
+                                f"({type(mod).__name__}) has no 2-D 'weight' parameter. Fix: point the line at "
+                                f"a linear layer, or regenerate the plan for this model.")
+    i, o = int(e.get("in")), int(e.get("out"))
+    want = (i, o) if e.get("w") == "in_out" else (o, i)
+    if tuple(w.shape) != want:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): module '{path}' weight is "
+                                f"{list(w.shape)}, the plan expects {list(want)} (in={i}, out={o}, w={e.get('w')}). "
+                                f"The plan was made for another model; regenerate it with autotp.make_plan.")
+    b = getattr(mod, "bias", None)
+    if b is not None and (not isinstance(b, nn.Parameter) or tuple(b.shape) != (o,)):
+        raise PlanMismatchError(f"module '{path}': bias shape {list(getattr(b, 'shape', []))} != [{o}]")
+    seg = e.ints("seg") or [o]
+    if e.style == "colwise" and any(s % tp for s in seg):
+        ok = [t for t in range(1, max(seg) + 1) if all(s % t == 0 for s in seg)]
+        raise ShardingError(f"module '{path}': colwise output sizes {seg} are not divisible by tp={tp}; "
+                            f"tp values that work: {ok}")
+    if e.style == "rowwise" and i % tp:
+        ok = [t for t in range(1, i + 1) if i % t == 0]
+        raise ShardingError(f"module '{path}': rowwise input features {i} not divisible by tp={tp}; "
+                            f"tp values that work: {ok}")
+
+
+def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: int, group: Any) -> list[str]:
+    """Replace each colwise/rowwise module by its sharded layer (weights sliced, dense ones dropped)."""
+    swapped = []
+    for path, e in resolved.items():
+        cls = _LAYERS.get(e.style)
+        if cls is None:
+            continue
+        mod = model.get_submodule(path)
+        layer = cls.from_dense(mod.weight, getattr(mod, "bias", None), in_out=e.get("w") == "in_out",
+                               rank=rank, tp=tp, group=group, segments=e.ints("seg"))
+        layer.train(mod.training)
+        set_submodule(model, path, layer)
+        swapped.append(path)
+    return swapped
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def apply_patches(model: nn.Module, resolved: dict[str, Entry]) -> None:
+    """Set the integer attributes named by ``patch`` lines (checked to exist and be integers)."""
+    for path, e in resolved.items():
+        if e.style != "patch":
+            continue
+        mod = model.get_submodule(path)
+        for k, v in e.params:
+            old = getattr(mod, k, None)
+            if type(old) is not int:
+                raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}) has no "
+                                        f"integer attribute '{k}' to patch (found {old!r}); fix or drop the line")
+            setattr(mod, k, int(v))

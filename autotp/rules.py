@@ -1,0 +1,379 @@
+"""Sharding propagation: one small pure rule per op family.
+
+A value's layout is ``None`` (replicated, R) or ``Shard(dim)``. A rule maps the layouts
+of a node's inputs to its output layout, or raises:
+  * ``Need(value, Shard(d))``: the rule works if ``value`` (now R) were sharded on ``d``
+    (the planner then looks for a column projection that produces it);
+  * ``NoRule(reason)``: this op cannot take a sharded input here; the value must be R.
+Partial sums never leave a row projection (it all-reduces), so they are not a layout here.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int  # non-negative
+    root: str | None = None  # column node whose whole output this is (for fused q|k|v splits)
+
+
+class NoRule(Exception):
+    """The op cannot take this sharded input; ``indivisible`` marks a tp that does not divide a size."""
+
+    def __init__(self, reason: str, *, sizes: tuple[int, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason, self.sizes = reason, sizes
+
+
+class Need(Exception):
+    def __init__(self, value: fx.Node, layout: Shard) -> None:
+        super().__init__(f"{value.name} must be sharded on dim {layout.dim}")
+        self.value, self.layout = value, layout
+
+
+class Ctx:
+    """What a rule may ask of the planner (implemented there)."""
+
+    tp: int
+
+    def layout(self, n: Any) -> Shard | None: ...
+    def shape(self, n: Any) -> tuple[int, ...] | None: ...
+    def segments(self, root: str, sizes: list[int], node: fx.Node) -> None: ...
+    def shape_const(self, node: fx.Node, pos: int, global_: int) -> None: ...
+
+
+def tensor_args(ctx: Ctx, node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) if ctx.shape(a) is not None else None)
+    return out
+
+
+def _norm(d: int, nd: int) -> int:
+    return d + nd if d < 0 else d
+
+
+def _divisible(ctx: Ctx, size: int, node: fx.Node, what: str) -> None:
+    if size % ctx.tp:
+        raise NoRule(f"{what} of size {size} at {node.name} is not divisible by tp={ctx.tp}", sizes=(size,))
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def elementwise(ctx: Ctx, node: fx.Node) -> Shard:
+    out_nd = len(ctx.shape(node))
+    ts = tensor_args(ctx, node)
+    sharded = [(a, ctx.layout(a)) for a in ts if ctx.layout(a) is not None]
+    dims = {lay.dim + out_nd - len(ctx.shape(a)) for a, lay in sharded}
+    if len(dims) != 1:
+        raise NoRule(f"{node.name} ({node.target}) mixes operands sharded on different dims")
+    od = dims.pop()
+    for a in ts:
+        if ctx.layout(a) is None:
+            s = ctx.shape(a)
+            ad = od - (out_nd - len(s))
+            if ad >= 0 and s[ad] != 1:  # a full-size replicated operand along the sharded dim
+                raise Need(a, Shard(ad))
+    roots = {lay.root for _, lay in sharded}
+    return Shard(od, roots.pop() if len(roots) == 1 and len(sharded) == 1 else None)
+
+
+def unary(ctx: Ctx, node: fx.Node) -> Shard:
+    """Ops whose output has the first argument's layout (copies, casts, dropout)."""
+    return ctx.layout(node.args[0])
+
+
+# ---------------------------------------------------------------- shape ops
+
+
+def map_reshape(in_s: tuple[int, ...], out_s: tuple[int, ...], d: int) -> int:
+    """Where dim ``d`` of ``in_s`` lands in ``out_s`` if a contiguous shard of it stays contiguous.
+
+    >>> map_reshape((2, 5, 768), (2, 5, 12, 64), 2)
+    2
+    >>> map_reshape((2, 5, 12, 64), (2, 5, 768), 2)
+    2
+    """
+    i = j = 0
+    while i < len(in_s) and j < len(out_s):
+        i0, j0, pi, pj = i, j, in_s[i], out_s[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= in_s[i]
+                i += 1
+            else:
+                pj *= out_s[j]
+                j += 1
+        if i0 <= d < i:
+            first_in = next(k for k in range(i0, i) if in_s[k] != 1)
+            if d != first_in:
+                raise NoRule(f"reshape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
+            return next(k for k in range(j0, j) if out_s[k] != 1)
+    raise NoRule(f"reshape {tuple(in_s)} -> {tuple(out_s)}: sharded dim {d} not found")
+
+
+def reshape(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, in_s, out_s = ctx.layout(x), ctx.shape(x), ctx.shape(node)
+    j = map_reshape(in_s, out_s, lay.dim)
+    _divisible(ctx, out_s[j], node, f"dim {j} of reshape {out_s}")
+    sizes = node.args[1] if len(node.args) > 1 else None
+    if isinstance(sizes, (list, tuple)) and len(sizes) == len(out_s) and isinstance(sizes[j], int) and sizes[j] != -1:
+        ctx.shape_const(node, j, sizes[j])
+    return Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None)
+
+
+def transpose(ctx: Ctx, node: fx.Node) -> Shard:
+    lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
+    a, b = (_norm(node.args[1], nd), _norm(node.args[2], nd)) if len(node.args) > 2 else (0, 1)
+    d = b if lay.dim == a else a if lay.dim == b else lay.dim
+    return Shard(d, lay.root if d == nd - 1 and lay.dim == nd - 1 else None)
+
+
+def permute(ctx: Ctx, node: fx.Node) -> Shard:
+    lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
+    dims = [_norm(d, nd) for d in node.args[1]]
+    return Shard(dims.index(lay.dim))
+
+
+def unsqueeze(ctx: Ctx, node: fx.Node) -> Shard:
+    lay = ctx.layout(node.args[0])
+    d = _norm(node.args[1], len(ctx.shape(node)))
+    return Shard(lay.dim + 1 if d <= lay.dim else lay.dim)
+
+
+def squeeze(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, in_s = ctx.layout(x), ctx.shape(x)
+    dims = node.args[1] if len(node.args) > 1 else list(range(len(in_s)))
+    dims = [dims] if isinstance(dims, int) else dims
+    gone = [_norm(d, len(in_s)) for d in dims if in_s[_norm(d, len(in_s))] == 1]
+    return Shard(lay.dim - sum(1 for d in gone if d < lay.dim))
+
+
+def expand(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, in_nd, sizes = ctx.layout(x), len(ctx.shape(x)), node.args[1]
+    d = lay.dim + len(sizes) - in_nd
+    if isinstance(sizes[d], int) and sizes[d] != -1:
+        ctx.shape_const(node, d, sizes[d])
+    return Shard(d)
+
+
+def slice_(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, in_s = ctx.layout(x), ctx.shape(x)
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(in_s))
+    if dim == lay.dim and ctx.shape(node)[dim] != in_s[dim]:
+        raise NoRule(f"{node.name} slices along the sharded dim {dim}")
+    return Shard(lay.dim, lay.root if dim != lay.dim else None)
+
+
+def select(ctx: Ctx, node: fx.Node) -> Shard:
+    lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node.args[0]))
+    dim = _norm(node.args[1], nd)
+    if dim == lay.dim:
+        raise NoRule(f"{node.name} selects along the sharded dim {dim}")
+    return Shard(lay.dim - (1 if dim < lay.dim else 0))
+
+
+def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
+    x = node.args[0]
+    lay, in_s = ctx.layout(x), ctx.shape(x)
+    outs = node.meta.get("val")
+    sizes = [int(t.shape[_norm(_split_dim(node), len(in_s))]) for t in outs]
+    dim = _norm(_split_dim(node), len(in_s))
+    if node.target is aten.unbind.int:
+        if dim == lay.dim:
+            raise NoRule(f"{node.name} unbinds the sharded dim")
+        return [Shard(lay.dim - (1 if dim < lay.dim else 0))] * len(outs)
+    if dim != lay.dim:
+        return [Shard(lay.dim)] * len(outs)
+    if lay.root is None:
+        raise NoRule(f"{node.name} splits sharded dim {dim} of a value that is not a projection's whole output")
+    for s in sizes:
+        _divisible(ctx, s, node, f"segment {sizes}")
+    ctx.segments(lay.root, sizes, node)
+    return [Shard(dim)] * len(outs)
+
+
+def _split_dim(node: fx.Node) -> int:
+    if node.target is aten.unbind.int:
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+
+
+def getitem(ctx: Ctx, node: fx.Node) -> Shard | None:
+    src, i = node.args
+    lays = ctx.layout(src)
+    return lays[i] if isinstance(lays, list) else None
+
+
+def cat(ctx: Ctx, node: fx.Node) -> Shard:
+    ts = list(node.args[0])
+    nd = len(ctx.shape(node))
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
+    if len(sharded) != 1:
+        raise NoRule(f"{node.name} concatenates values sharded on different dims")
+    d = sharded.pop()
+    if d == dim:
+        raise NoRule(f"{node.name} concatenates along the sharded dim {dim}")
+    for t in ts:
+        if ctx.layout(t) is None:
+            raise Need(t, Shard(d))
+    return Shard(d)
+
+
+# ---------------------------------------------------------------- reductions and normalizations
+
+
+def softmax(ctx: Ctx, node: fx.Node) -> Shard:
+    lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
+    if _norm(node.args[1], nd) == lay.dim:
+        raise NoRule(f"{node.name} normalizes over the sharded dim {lay.dim}")
+    return Shard(lay.dim)
+
+
+def reduction(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, nd = ctx.layout(x), len(ctx.shape(x))
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or dims == []:
+        raise NoRule(f"{node.name} ({node.target}) reduces over every dim, including the sharded one")
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [_norm(d, nd) for d in dims]
+    if lay.dim in dims:
+        raise NoRule(f"{node.name} ({node.target}) reduces over the sharded dim {lay.dim}")
+    keep = len(ctx.shape(node)) == nd
+    return Shard(lay.dim if keep else lay.dim - sum(1 for d in dims if d < lay.dim))
+
+
+def norm(ctx: Ctx, node: fx.Node) -> Shard:
+    x = node.args[0]
+    lay, nd = ctx.layout(x), len(ctx.shape(x))
+    if lay is None:
+        raise NoRule(f"{node.name} ({node.target}) has a sharded weight")
+    k = len(node.args[1])
+    if lay.dim >= nd - k:
+        raise NoRule(f"{node.name} ({node.target}) normalizes over the sharded features (dim {lay.dim})")
+    return Shard(lay.dim)
+
+
+# ---------------------------------------------------------------- contractions
+
+
+def contract(ctx: Ctx, node: fx.Node, operands: list[tuple[fx.Node, str]], out_labels: str) -> Shard:
+    """Shared rule for matmul/einsum/sdpa: operands are labelled dims (aligned from the right)."""
+    labels = set()
+    for a, labs in operands:
+        lay = ctx.layout(a)
+        if lay is not None:
+            labels.add(labs[lay.dim])
+    if len(labels) != 1:
+        raise NoRule(f"{node.name} ({node.target}) has operands sharded on different dims")
+    lab = labels.pop()
+    if lab not in out_labels:
+        raise NoRule(f"{node.name} ({node.target}) contracts over the sharded dim: the sum would be partial")
+    for a, labs in operands:
+        if ctx.layout(a) is None and lab in labs:
+            k = labs.index(lab)
+            if ctx.shape(a)[k] != 1:
+                raise Need(a, Shard(k))
+    return Shard(out_labels.index(lab))
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def matmul(ctx: Ctx, node: fx.Node) -> Shard:
+    a, b = node.args[0], node.args[1]
+    sa, sb = ctx.shape(a), ctx.shape(b)
+    if len(sa) < 2 or len(sb) < 2:
+        raise NoRule(f"{node.name}: matmul of a 1-D operand with a sharded input")
+    nb = max(len(sa), len(sb)) - 2
+    batch = _LETTERS[:nb]
+    la = batch[nb - (len(sa) - 2):] + "NK"
+    lb = batch[nb - (len(sb) - 2):] + "KM"
+    return contract(ctx, node, [(a, la), (b, lb)], batch + "NM")
+
+
+def linear_act(ctx: Ctx, node: fx.Node) -> Shard:
+    """``linear`` whose weight is not a parameter (or a replicated linear fed a batch-sharded input)."""
+    x, w = node.args[0], node.args[1]
+    nd = len(ctx.shape(x))
+    lx = _LETTERS[: nd - 1] + "K"
+    ops = [(x, lx), (w, "MK")]
+    if len(node.args) > 2 and node.args[2] is not None:
+        ops.append((node.args[2], "M"))
+    return contract(ctx, node, ops, _LETTERS[: nd - 1] + "M")
+
+
+def einsum(ctx: Ctx, node: fx.Node) -> Shard:
+    eq, ops = node.args[0], node.args[1]
+    if "..." in eq:
+        raise NoRule(f"{node.name}: einsum with '...' on a sharded input")
+    lhs, out = eq.replace(" ", "").split("->")
+    return contract(ctx, node, list(zip(ops, lhs.split(","))), out)
+
+
+def sdpa(ctx: Ctx, node: fx.Node) -> Shard:
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    nb = len(ctx.shape(q)) - 3
+    batch = _LETTERS[:nb]
+    ops = [(q, batch + "HLE"), (k, batch + "HSE"), (v, batch + "HSV")]
+    if mask is not None and ctx.shape(mask) is not None:
+        full = batch + "HLS"
+        ops.append((mask, full[len(full) - len(ctx.shape(mask)):]))
+    return contract(ctx, node, ops, batch + "HLV")
+
+
+def bmm(ctx: Ctx, node: fx.Node) -> Shard:
+    return contract(ctx, node, [(node.args[0], "bNK"), (node.args[1], "bKM")], "bNM")
+
+
+# ---------------------------------------------------------------- the table
+
+RULES: dict[Any, Callable[[Ctx, fx.Node], Any]] = {
+    aten.view.default: reshape, aten.reshape.default: reshape, aten._unsafe_view.default: reshape,
+    aten.transpose.int: transpose, aten.t.default: transpose, aten.permute.default: permute,
+    aten.unsqueeze.default: unsqueeze, aten.squeeze.dim: squeeze, aten.squeeze.dims: squeeze,
+    aten.squeeze.default: squeeze, aten.expand.default: expand,
+    aten.slice.Tensor: slice_, aten.select.int: select,
+    aten.split.Tensor: split, aten.split_with_sizes.default: split, aten.chunk.default: split,
+    aten.unbind.int: split, operator.getitem: getitem, aten.cat.default: cat,
+    aten.softmax.int: softmax, aten._softmax.default: softmax, aten.log_softmax.int: softmax,
+    aten._log_softmax.default: softmax,
+    aten.sum.dim_IntList: reduction, aten.mean.dim: reduction, aten.amax.default: reduction,
+    aten.amin.default: reduction, aten.var.correction: reduction, aten.std.correction: reduction,
+    aten.sum.default: reduction, aten.mean.default: reduction, aten.linalg_vector_norm.default: reduction,
+    aten.layer_norm.default: norm, aten.rms_norm.default: norm,
+    aten.matmul.default: matmul, aten.mm.default: matmul, aten.bmm.default: bmm,
+    aten.einsum.default: einsum, aten.scaled_dot_product_attention.default: sdpa,
+    aten.linear.default: linear_act,
+}
+for _op in (aten.dropout.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
+            aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.alias.default,
+            aten.detach.default, aten.lift_fresh_copy.default, aten.feature_dropout.default,
+            aten.alpha_dropout.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+    RULES[_op] = elementwise if _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else unary
+for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int):
+    RULES[_op] = lambda ctx, node: None  # an int: eager code reads local sizes by itself
+
+
+def rule_for(target: Any) -> Callable[[Ctx, fx.Node], Any] | None:
+    """The rule for an op: the table, else any ATen op tagged pointwise is elementwise."""
+    r = RULES.get(target)
+    if r is None and isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
+        return elementwise
+    return r

@@ -1,0 +1,42 @@
+"""Multi-rank parity: outputs and gradients equal to the unsharded model, exact collective counts."""
+import os
+import sys
+
+import pytest
+
+from autotp.launch import run_ranks
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cases import CASES, parity  # noqa: E402
+
+# expected groups (= all-reduces per forward and per backward) per model at any tp that divides it
+EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "einsum": 2, "mlp": 2,
+            "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def results(request):
+    return request.param, run_ranks(parity, request.param, CASES, timeout=400)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parity(results, name):
+    tp, ranks = results
+    for rank, res in enumerate(ranks):
+        r = res[name]
+        assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (tp, rank, name, r)
+        assert r["grad_diff"] <= 1e-5 * max(1.0, r["grad_scale"]), (tp, rank, name, r)
+        assert r["param_diff"] == 0.0, (tp, rank, name, r)
+        assert r["same_on_all"] <= 1e-5 * max(1.0, r["out_scale"]), (tp, rank, name, r)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_collectives_and_memory(results, name):
+    tp, ranks = results
+    for res in ranks:
+        r = res[name]
+        assert r["fwd"] == EXPECTED[name] == r["rows"], (tp, name, r)
+        assert r["bwd"] == EXPECTED[name], (tp, name, r)
+        assert r["local_params"] == r["ideal_params"], (tp, name, r)
+        if EXPECTED[name]:
+            assert r["local_params"] < r["total_params"]
