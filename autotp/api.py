@@ -102,11 +102,16 @@ def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> l
     return _compare(c, c2, a.layouts, swapped, a.plan.tp)
 
 
+# ops a capture may drop when they do nothing at local shapes (e.g. contiguous() of one head)
+_MAYBE_NOOP = {torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default,
+               torch.ops.aten.detach.default}
+
+
 def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int) -> list[tuple[str, str]]:
     def seq(g: Captured) -> dict[str, list[fx.Node]]:
         out: dict[str, list[fx.Node]] = {}
         for n in g.graph.nodes:
-            if n.op == "call_function" and g.shape(n) is not None:
+            if n.op == "call_function" and g.shape(n) is not None and n.target not in _MAYBE_NOOP:
                 o = g.owner(n)
                 if o not in swapped:
                     out.setdefault(o, []).append(n)

@@ -59,7 +59,7 @@ class Plan:
     tp: int
     entries: tuple[Entry, ...]
     model: str = ""
-    summary: tuple[str, ...] = ()
+    summary: tuple[str, ...] = field(default=(), compare=False)  # comments, informational
 
     # ------------------------------------------------------------------ text
     def to_text(self) -> str:
@@ -88,6 +88,9 @@ class Plan:
             if not body:
                 continue
             words = body.split()
+            if not seen_format and body != FORMAT:
+                raise PlanFormatError(f"{source}:{no}: expected '{FORMAT}' before anything else: this is not an "
+                                      f"autotp plan file (write one with autotp.make_plan(...).save(path))")
             if body == FORMAT:
                 seen_format = True
             elif words[0] == "tp":

@@ -93,3 +93,18 @@ def parity(rank: int, world: int, names=CASES) -> dict:
             same_on_all=abs(allsame.item() / world - y.detach().sum().item()),
             classes=type(model).__name__)
     return out
+
+
+def bad_group_inputs(rank: int, world: int) -> dict:
+    """Errors that need a live process group: tp != group size, a plan for another tp."""
+    model, x = build("mlp")
+    out = {}
+    for key, call in [("tp", lambda: autotp.parallelize(model, world * 2, example_inputs=(x,))),
+                      ("plan_tp", lambda: autotp.parallelize(
+                          model, plan=autotp.make_plan(model, world * 2, example_inputs=(x,)), example_inputs=(x,)))]:
+        try:
+            call()
+            out[key] = None
+        except autotp.AutoTPError as e:
+            out[key] = f"{type(e).__name__}: {e}"
+    return out

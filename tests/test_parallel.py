@@ -40,3 +40,11 @@ def test_collectives_and_memory(results, name):
         assert r["local_params"] == r["ideal_params"], (tp, name, r)
         if EXPECTED[name]:
             assert r["local_params"] < r["total_params"]
+
+
+def test_tp_must_equal_group_size():
+    from cases import bad_group_inputs
+
+    for res in run_ranks(bad_group_inputs, 2, timeout=120):
+        assert res["tp"].startswith("GroupError") and "tp=4" in res["tp"] and "2 ranks" in res["tp"], res
+        assert res["plan_tp"].startswith("PlanMismatchError") and "tp=4" in res["plan_tp"], res

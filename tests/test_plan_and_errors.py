@@ -1,0 +1,143 @@
+"""Single-process tests: plan text, golden plans, slicing math, and every bad input."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import autotp
+from autotp.layers import shard_ranges, shard_tensor
+from autotp.plan import Plan
+from autotp.rewrite import resolve
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cases import build  # noqa: E402
+from models import HeadsModel  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_CASES = [(name, tp) for name in ("nanogpt", "llama_gqa", "einsum", "mlp", "trap_norm", "trap_residual",
+                                         "trap_twice", "trap_reduce") for tp in (2, 4)]
+
+
+@pytest.mark.parametrize("name,tp", GOLDEN_CASES)
+def test_golden_plan_is_byte_identical(name, tp):
+    model, x = build(name)
+    text = autotp.make_plan(model, tp, example_inputs=(x,)).to_text()
+    path = GOLDEN / f"{name}.tp{tp}.plan"
+    if os.environ.get("AUTOTP_REGEN"):
+        path.write_text(text)
+    assert path.read_text() == text, f"plan for {name} changed; regenerate with AUTOTP_REGEN=1 if intended"
+    assert autotp.load_plan(path) == Plan.from_text(text)
+    model2, _ = build(name)
+    assert autotp.make_plan(model2, tp, example_inputs=(x,)).to_text() == text  # deterministic
+
+
+def test_plan_round_trip(tmp_path):
+    model, x = build("nanogpt")
+    plan = autotp.make_plan(model, 2, example_inputs=(x,))
+    plan.save(tmp_path / "p.plan")
+    assert autotp.load_plan(tmp_path / "p.plan") == plan
+    assert "transformer.h.*.attn.c_attn  colwise in=32 out=96 w=out_in seg=32,32,32" in plan.to_text()
+
+
+def test_make_plan_on_meta_model():
+    with torch.device("meta"):
+        model, _ = build("llama_gqa")
+    plan = autotp.make_plan(model, 4, example_inputs=(torch.randint(0, 80, (2, 8)),))
+    styles = {e.path: e.style for e in plan.entries}
+    assert styles["layers.*.attn.k_proj"] == "colwise" and styles["layers.*.mlp.down"] == "rowwise"
+
+
+def test_slicing_math():
+    assert shard_ranges(12, 1, 2, [4, 4, 4]) == [(2, 4), (6, 8), (10, 12)]
+    t = torch.arange(12.0)
+    assert shard_tensor(t, 0, 1, 2, [4, 4, 4]).tolist() == [2, 3, 6, 7, 10, 11]
+    assert shard_tensor(t, 0, 0, 3).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="not divisible by tp=5"):
+        shard_ranges(12, 0, 5)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_heads_not_divisible_lists_working_tp():
+    with pytest.raises(autotp.ShardingError) as e:
+        autotp.make_plan(HeadsModel(), 2, example_inputs=(torch.randn(2, 5, 36),))
+    msg = str(e.value)
+    assert "attn.qkv.*" in msg and "tp=2" in msg and "[1, 3, 9]" in msg, msg
+    autotp.make_plan(HeadsModel(), 3, example_inputs=(torch.randn(2, 5, 36),))  # tp=3 works
+
+
+def test_no_process_group():
+    model, x = build("mlp")
+    with pytest.raises(autotp.GroupError, match="init_process_group"):
+        autotp.parallelize(model, 2, example_inputs=(x,))
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = _DataDependent()
+
+    def forward(self, x):
+        return self.inner(self.fc(x))
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on data
+            return x * 2
+        return x
+
+
+def test_untraceable_model_names_module_and_plan_route():
+    with pytest.raises(autotp.CaptureError) as e:
+        autotp.make_plan(Untraceable(), 2, example_inputs=(torch.randn(2, 4),))
+    msg = str(e.value)
+    assert "'inner'" in msg and "plan=" in msg, msg
+
+
+def test_plan_for_another_model():
+    plan = make_plan_for("nanogpt", 2)
+    other, _ = build("llama_gqa")
+    with pytest.raises(autotp.PlanMismatchError, match="matches no module of TinyLlama"):
+        resolve(other, plan)
+
+
+def test_plan_shape_mismatch():
+    model, x = build("mlp")
+    text = autotp.make_plan(model, 2, example_inputs=(x,)).to_text().replace("in=32 out=64", "in=32 out=48")
+    with pytest.raises(autotp.PlanMismatchError, match=r"weight is \[64, 32\], the plan expects \[48, 32\]"):
+        resolve(model, Plan.from_text(text))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("net.0  colwize in=32", "unknown style 'colwize'"),
+    ("net.0  colwise in=x", "in=x must be a whole number"),
+    ("net.0  colwise zz=1", "bad parameter 'zz=1'"),
+    ("net.0  colwise in=32 out=64 w=out_in seg=30,30", "seg sizes add up to 60, not out=64"),
+])
+def test_malformed_plan_names_the_line(bad, match):
+    text = "autotp-plan 1\ntp 2\n" + bad + "\n"
+    with pytest.raises(autotp.PlanFormatError, match=match) as e:
+        Plan.from_text(text, source="my.plan")
+    assert "my.plan:3" in str(e.value)
+
+
+def test_not_a_plan_file(tmp_path):
+    (tmp_path / "x.plan").write_text("hello\n")
+    with pytest.raises(autotp.PlanFormatError, match="not an autotp plan"):
+        autotp.load_plan(tmp_path / "x.plan")
+
+
+def _with_inputs(name):
+    model, x = build(name)
+    return model, x
+
+
+def make_plan_for(name, tp):
+    model, x = build(name)
+    return autotp.make_plan(model, tp, example_inputs=(x,))
