@@ -41,11 +41,6 @@ class Entry:
         v = self.get(key)
         return [int(x) for x in v.split(",")] if v else None
 
-    def to_text(self) -> str:
-        kv = " ".join(f"{k}={v}" for k, v in self.params)
-        body = f"{self.path}  {self.style}" + (f" {kv}" if kv else "")
-        return body + (f"  # {self.reason}" if self.reason else "")
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -133,11 +133,6 @@ def test_not_a_plan_file(tmp_path):
         autotp.load_plan(tmp_path / "x.plan")
 
 
-def _with_inputs(name):
-    model, x = build(name)
-    return model, x
-
-
 def make_plan_for(name, tp):
     model, x = build(name)
     return autotp.make_plan(model, tp, example_inputs=(x,))
