@@ -13,10 +13,11 @@ import torch.nn as nn
 
 from . import collectives
 from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
+from .hf import default_inputs
 from .localize import install, trace_localized
 from .plan import Entry, Plan, glob_of, load_plan
 from .planner import Analysis, compress, plan_graph
-from .rewrite import apply_patches, resolve, swap_layers
+from .rewrite import apply_patches, resolve, sum_grads, swap_layers
 from .trace import Captured, capture, meta_copy, split_inputs, to_meta
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
     """make_plan, keeping the analysis (layouts per node) for checks and tests."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
+    example_inputs = default_inputs(model, example_inputs)
     c = capture(model, example_inputs)
     a = plan_graph(c, tp, model=type(model).__name__, strict=strict)
     swapped = {e.path for e in a.plan.entries if e.style in ("colwise", "rowwise")}
@@ -92,6 +94,15 @@ def _concrete(a: Analysis) -> set[str]:
 def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list[tuple[str | None, str]]:
     """Rewrite a meta copy at local shapes, capture it again and compare every shape with the plan."""
     m = meta_copy(model)
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # a failing candidate logs a traceback there
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return _verify(model, m, a, c, example_inputs)
+    finally:
+        quiet.setLevel(level)
+
+
+def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list:
     with collectives.dry_run():
         try:
             _apply(m, a.plan, rank=0, tp=a.plan.tp, group=None, example_inputs=example_inputs)
@@ -146,6 +157,7 @@ def _apply(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, exam
         inputs = _module_inputs(dense, local_paths, example_inputs)
     swap_layers(model, resolved, rank=rank, tp=tp, group=group)
     apply_patches(model, resolved)
+    sum_grads(model, resolved, group)
     for p in local_paths:
         mod = model.get_submodule(p)
         local = meta_copy(mod)
@@ -192,6 +204,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
             return model
         raise GroupError("no process group is initialized: call torch.distributed.init_process_group("
                          "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
+    example_inputs = default_inputs(model, example_inputs)
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     tp = world if tp is None else tp

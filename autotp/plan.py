@@ -20,6 +20,7 @@ STYLES = {
     "replicate": {"in", "out", "w"},  # every rank keeps the whole module
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
+    "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
 }
 _INT_KEYS = {"in", "out"}
 
@@ -60,7 +61,7 @@ class Plan:
     def to_text(self) -> str:
         lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
                  "# <module path or glob>  <style> [key=value ...]  # reason",
-                 "# styles: colwise (seg=fused segments) | rowwise | replicate | patch attr=N | localize",
+                 "# styles: colwise (seg=fused segments) | rowwise | replicate | patch attr=N | localize | sum_grad p=..",
                  *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
         if self.model:
             lines.append(f"model {self.model}")

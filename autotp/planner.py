@@ -22,8 +22,9 @@ from .rules import Need, NoRule, Shard, rule_for
 from .trace import Captured
 
 aten = torch.ops.aten
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default}
-_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int}
+_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int,
+               aten._assert_tensor_metadata.default}
 
 
 @dataclass
@@ -239,8 +240,11 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             try:
                 bad = [x for x in cols if x.out_features % tp]
                 if bad:
-                    raise _at(bad[0].node, NoRule(f"out features {bad[0].out_features} of '{bad[0].module}' "
-                                                  f"not divisible by tp={tp}", sizes=(bad[0].out_features,)))
+                    b = bad[0]
+                    small = b.out_features < tp  # a gate of width 1 is replicated, not an error
+                    raise _at(b.node, NoRule(f"out features {b.out_features} of '{b.module}' "
+                                             f"{'smaller than' if small else 'not divisible by'} tp={tp}",
+                                             sizes=() if small else (b.out_features,)))
                 rows = g.run(cols)
             except Need as e:
                 more = [x for x in _producers(c, sites, e.value) if x not in cols and x.node not in roles
@@ -275,6 +279,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
     if strict and indivisible:
         raise _indivisible_error(indivisible, tp)
+    partial = _partial_grads(c, committed, {p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise")
+                                            for p in (s.weight, s.bias) if p})
     entries, seen = [], set()
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.module in seen:
@@ -288,10 +294,58 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             params.append(("seg", ",".join(map(str, seg))))
             reason += f"; fused output split into {len(seg)} segments, each sharded"
         entries.append(Entry(s.module, style, tuple(params), reason))
+    for module, names in partial.items():
+        entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
+                             "scales sharded values: each rank's gradient is a partial sum, all-reduced in backward"))
     rows_n = sum(len(r) for _, r in analysis.groups)
     summary = (f"{len(analysis.groups)} groups; all-reduces per forward: {rows_n}",)
+    if partial:
+        n = sum(len(v) for v in partial.values())
+        summary += (f"{n} replicated parameters get their gradients summed across ranks in backward",)
     analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
     return analysis
+
+
+def _partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, list[str]]:
+    """Replicated parameters that meet sharded values (a q/k norm's weight, an activation's slope).
+
+    Each rank back-propagates only its shard, so such a parameter's gradient is a partial sum:
+    it must be all-reduced. A parameter that is also used on replicated activations would get
+    a mix of full and partial terms that no single reduction fixes: that is refused.
+    """
+    def sharded(n: fx.Node) -> bool:
+        ins: list = []
+        fx.node.map_arg((n.args, n.kwargs), ins.append)
+        return layouts.get(n) is not None or any(layouts.get(a) is not None for a in ins)
+
+    out: dict[str, list[str]] = {}
+    for ph in c.graph.nodes:
+        name = c.param_name(ph)
+        if name is None or name in swapped:
+            continue
+        derived, stack, meets, plain = {ph}, [ph], [], []
+        while stack:
+            for u in stack.pop().users:
+                if u in derived or u.op == "output":
+                    continue
+                ins: list = []
+                fx.node.map_arg((u.args, u.kwargs), ins.append)
+                if sharded(u):
+                    meets.append(u)
+                elif all(a in derived or c.shape(a) is None or a.op == "get_attr"
+                         or a.op == "placeholder" and (c.param_name(a) or a.name in c.buffers) for a in ins):
+                    derived.add(u)  # a computation on parameters alone (w + 1, w.to(dtype))
+                    stack.append(u)
+                else:
+                    plain.append(u)
+        if meets and plain:
+            raise ShardingError(f"parameter {name} is used both on sharded values (at {meets[0].name}) and on "
+                                f"replicated ones (at {plain[0].name}); its gradient cannot be made exact. Fix: "
+                                f"edit the plan to replicate the layers around '{Captured.owner(meets[0])}'.")
+        if meets:
+            mod, _, leaf = name.rpartition(".")
+            out.setdefault(mod, []).append(leaf)
+    return out
 
 
 def _producers(c: Captured, sites: dict[fx.Node, Site], v: fx.Node) -> list[Site]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from . import collectives
 from .errors import PlanMismatchError, ShardingError
 from .layers import ColumnParallelLinear, RowParallelLinear
 from .plan import Entry, Plan
@@ -83,3 +84,19 @@ def apply_patches(model: nn.Module, resolved: dict[str, Entry]) -> None:
                 raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}) has no "
                                         f"integer attribute '{k}' to patch (found {old!r}); fix or drop the line")
             setattr(mod, k, int(v))
+
+
+def sum_grads(model: nn.Module, resolved: dict[str, Entry], group: Any) -> None:
+    """All-reduce the gradients of the replicated parameters named by ``sum_grad`` lines (partial per rank)."""
+    for path, e in resolved.items():
+        if e.style != "sum_grad":
+            continue
+        mod = model.get_submodule(path)
+        for name in e.get("p", "").split(","):
+            p = getattr(mod, name, None)
+            if not isinstance(p, nn.Parameter):
+                raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}) has no "
+                                        f"parameter '{name}'; fix or drop the line")
+            if p.requires_grad and not getattr(p, "_autotp_sum_grad", False):
+                p.register_hook(lambda g: collectives.all_reduce(g, group, "backward"))
+                p._autotp_sum_grad = True

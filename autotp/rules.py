@@ -132,6 +132,19 @@ def reshape(ctx: Ctx, node: fx.Node) -> Shard:
     return Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None)
 
 
+def flatten(ctx: Ctx, node: fx.Node) -> Shard:
+    """flatten/unflatten: a reshape read from the shapes (unflatten's literal sizes are shape constants)."""
+    x = node.args[0]
+    lay, in_s, out_s = ctx.layout(x), ctx.shape(x), ctx.shape(node)
+    j = map_reshape(in_s, out_s, lay.dim)
+    _divisible(ctx, out_s[j], node, f"dim {j} of {out_s}")
+    if node.target is aten.unflatten.int:
+        d, sizes = _norm(node.args[1], len(in_s)), node.args[2]
+        if d <= j < d + len(sizes) and isinstance(sizes[j - d], int) and sizes[j - d] != -1:
+            ctx.shape_const(node, j, sizes[j - d])
+    return Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None)
+
+
 def transpose(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     a, b = (_norm(node.args[1], nd), _norm(node.args[2], nd)) if len(node.args) > 2 else (0, 1)
@@ -141,7 +154,7 @@ def transpose(ctx: Ctx, node: fx.Node) -> Shard:
 
 def permute(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
-    dims = [_norm(d, nd) for d in node.args[1]]
+    dims = [_norm(d, nd) for d in node.args[1]] if len(node.args) > 1 else list(range(nd))[::-1]  # numpy_T
     return Shard(dims.index(lay.dim))
 
 
@@ -203,6 +216,10 @@ def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
     for s in sizes:
         _divisible(ctx, s, node, f"segment {sizes}")
     ctx.segments(lay.root, sizes, node)
+    given = node.args[1] if node.target is not aten.unbind.int and len(node.args) > 1 else None
+    for g in sorted({given} if isinstance(given, int) else set(given) if isinstance(given, (list, tuple)) else set()):
+        if isinstance(g, int):  # a literal split size: the local code must split at local sizes
+            ctx.shape_const(node, dim, g)
     return [Shard(dim)] * len(outs)
 
 
@@ -210,6 +227,20 @@ def _split_dim(node: fx.Node) -> int:
     if node.target is aten.unbind.int:
         return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+
+
+def stack(ctx: Ctx, node: fx.Node) -> Shard:
+    ts = list(node.args[0])
+    nd = len(ctx.shape(node))
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
+    if len(sharded) != 1:
+        raise NoRule(f"{node.name} stacks values sharded on different dims")
+    d = sharded.pop()
+    for t in ts:
+        if ctx.layout(t) is None:
+            raise Need(t, Shard(d))
+    return Shard(d + 1 if dim <= d else d)
 
 
 def getitem(ctx: Ctx, node: fx.Node) -> Shard | None:
@@ -346,12 +377,13 @@ def bmm(ctx: Ctx, node: fx.Node) -> Shard:
 
 RULES: dict[Any, Callable[[Ctx, fx.Node], Any]] = {
     aten.view.default: reshape, aten.reshape.default: reshape, aten._unsafe_view.default: reshape,
-    aten.transpose.int: transpose, aten.t.default: transpose, aten.permute.default: permute,
+    aten.flatten.using_ints: flatten, aten.unflatten.int: flatten,
+    aten.transpose.int: transpose, aten.t.default: transpose, aten.permute.default: permute, aten.numpy_T.default: permute,
     aten.unsqueeze.default: unsqueeze, aten.squeeze.dim: squeeze, aten.squeeze.dims: squeeze,
     aten.squeeze.default: squeeze, aten.expand.default: expand,
     aten.slice.Tensor: slice_, aten.select.int: select,
     aten.split.Tensor: split, aten.split_with_sizes.default: split, aten.chunk.default: split,
-    aten.unbind.int: split, operator.getitem: getitem, aten.cat.default: cat,
+    aten.unbind.int: split, operator.getitem: getitem, aten.cat.default: cat, aten.stack.default: stack,
     aten.softmax.int: softmax, aten._softmax.default: softmax, aten.log_softmax.int: softmax,
     aten._log_softmax.default: softmax,
     aten.sum.dim_IntList: reduction, aten.mean.dim: reduction, aten.amax.default: reduction,
@@ -367,8 +399,8 @@ for _op in (aten.dropout.default, aten.clone.default, aten.contiguous.default, a
             aten.detach.default, aten.lift_fresh_copy.default, aten.feature_dropout.default,
             aten.alpha_dropout.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
     RULES[_op] = elementwise if _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else unary
-for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int):
-    RULES[_op] = lambda ctx, node: None  # an int: eager code reads local sizes by itself
+for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default):
+    RULES[_op] = lambda ctx, node: None  # an int (eager code reads local sizes by itself), or a dtype assert
 
 
 def rule_for(target: Any) -> Callable[[Ctx, fx.Node], Any] | None:

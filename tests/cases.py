@@ -51,48 +51,51 @@ def parity(rank: int, world: int, names=CASES) -> dict:
         dense = copy.deepcopy(model)
         plan = autotp.make_plan(model, world, example_inputs=(x,))
         model = autotp.parallelize(model, world, plan=plan, example_inputs=(x,))
-        seg_of = {}
-        for path, e in plan.resolve(dict(model.named_modules()).keys()).items():
-            seg_of[path] = e.ints("seg")
         x_ref = x.clone().requires_grad_() if x.is_floating_point() else x
         x = x.clone().requires_grad_() if x.is_floating_point() else x
-        y_ref = dense(x_ref)
-        y_ref.float().pow(2).mean().backward()
-        collectives.reset_counts()
-        y = model(x)
-        fwd = collectives.COUNTS["all_reduce.forward"]
-        y.float().pow(2).mean().backward()
-        bwd = collectives.COUNTS["all_reduce.backward"]
-        dense_params = dict(dense.named_parameters())
-        gdiff, pdiff = 0.0, 0.0
+        out[name] = measure(rank, world, model, dense, plan, lambda m: m(x if m is model else x_ref))
         if x.is_floating_point():
-            gdiff = (x.grad - x_ref.grad).abs().max().item()
-        mods = dict(model.named_modules())
-        for pname, p in model.named_parameters():
-            mpath, _, leaf = pname.rpartition(".")
-            ref = dense_params[pname]
-            want_p = _local_slice(ref.detach(), mods[mpath], leaf, rank, world, seg_of.get(mpath))
-            want_g = _local_slice(ref.grad, mods[mpath], leaf, rank, world, seg_of.get(mpath))
-            pdiff = max(pdiff, (p.detach() - want_p).abs().max().item())
-            gdiff = max(gdiff, (p.grad - want_g).abs().max().item())
-        sharded = sum(p.numel() for n, p in dense.named_parameters()
-                      if any(n.startswith(m + ".") and (isinstance(mods[m], ColumnParallelLinear) or
-                                                       (isinstance(mods[m], RowParallelLinear) and n.endswith("weight")))
-                             for m in mods if m))
-        total = sum(p.numel() for p in dense.parameters())
-        local = sum(p.numel() for p in model.parameters())
-        # the input grad: f must have summed the partial input-gradients across ranks
-        allsame = torch.tensor([y.detach().sum().item()])
-        dist.all_reduce(allsame)
-        out[name] = dict(
-            out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(),
-            grad_diff=gdiff, grad_scale=max(p.grad.abs().max().item() for p in dense.parameters()),
-            param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=total - sharded + sharded // world,
-            total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
-            rows=sum(1 for m in model.modules() if isinstance(m, RowParallelLinear)),
-            same_on_all=abs(allsame.item() / world - y.detach().sum().item()),
-            classes=type(model).__name__)
+            out[name]["grad_diff"] = max(out[name]["grad_diff"], (x.grad - x_ref.grad).abs().max().item())
     return out
+
+
+def measure(rank: int, world: int, model, dense, plan, run) -> dict:
+    """Run ``run(dense)`` and ``run(model)`` forward and backward; compare outputs, grads, params, counts."""
+    seg_of = {path: e.ints("seg") for path, e in plan.resolve(dict(model.named_modules()).keys()).items()}
+    y_ref = run(dense)
+    y_ref.float().pow(2).mean().backward()
+    collectives.reset_counts()
+    y = run(model)
+    fwd = collectives.COUNTS["all_reduce.forward"]
+    y.float().pow(2).mean().backward()
+    bwd = collectives.COUNTS["all_reduce.backward"]
+    dense_params = dict(dense.named_parameters())
+    gdiff, pdiff = 0.0, 0.0
+    mods = dict(model.named_modules())
+    for pname, p in model.named_parameters():
+        mpath, _, leaf = pname.rpartition(".")
+        ref = dense_params[pname]
+        want_p = _local_slice(ref.detach(), mods[mpath], leaf, rank, world, seg_of.get(mpath))
+        pdiff = max(pdiff, (p.detach() - want_p).abs().max().item())
+        if ref.grad is not None or p.grad is not None:
+            want_g = _local_slice(ref.grad, mods[mpath], leaf, rank, world, seg_of.get(mpath))
+            gdiff = max(gdiff, (p.grad - want_g).abs().max().item())
+    sharded = sum(p.numel() for n, p in dense.named_parameters()
+                  if any(n.startswith(m + ".") and (isinstance(mods[m], ColumnParallelLinear) or
+                                                   (isinstance(mods[m], RowParallelLinear) and n.endswith("weight")))
+                         for m in mods if m))
+    total = sum(p.numel() for p in dense.parameters())
+    local = sum(p.numel() for p in model.parameters())
+    allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output
+    dist.all_reduce(allsame)
+    return dict(
+        out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(),
+        grad_diff=gdiff, grad_scale=max(p.grad.abs().max().item() for p in dense.parameters() if p.grad is not None),
+        param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=total - sharded + sharded // world,
+        total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
+        rows=sum(1 for m in model.modules() if isinstance(m, RowParallelLinear)),
+        same_on_all=abs(allsame.item() / world - y.detach().double().sum().item()),
+        classes=type(model).__name__)
 
 
 def bad_group_inputs(rank: int, world: int) -> dict:
