@@ -68,23 +68,55 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
                 pattern: str, owners: list[str]) -> Entry | None:
     """Integer attributes of the owner that, set to local values, make every shape agree.
 
-    The search is by value, never by name: an attribute is a candidate when it equals a size
-    the planner found baked into a reshape along a sharded dim.
+    The search is by value, never by name: an attribute (of the module, or of an object it
+    holds such as its config) is a candidate when it equals a size the planner found baked
+    into a reshape/split/slice along a sharded dim, or is a factor of one whose cofactor is
+    another attribute (``heads * head_dim``). Candidates are added greedily while they reduce
+    the shape mismatches of this module; the result must remove them all.
     """
     tp = a.plan.tp
     lits = {g for n, _, g in a.shape_consts if glob_of(Captured.owner(n)) == pattern}
     mod = model.get_submodule(owners[0])
-    cands = sorted(k for k, v in vars(mod).items() if type(v) is int and v in lits and v % tp == 0)
+    ints = _int_attrs(mod)
+    values = set(ints.values())
+    cands = [k for k, v in ints.items() if v > 1 and v % tp == 0 and
+             (v in lits or any(g % v == 0 and g // v in values for g in lits))]
+    cands.sort(key=lambda k: (ints[k] not in lits, k.count("."), k))
     path = pattern if len(owners) > 1 else owners[0]
-    for r in range(1, min(len(cands), 3) + 1):
-        for combo in itertools.combinations(cands, r):
-            e = Entry(path, "patch", tuple((k, str(getattr(mod, k) // tp)) for k in combo),
-                      "sizes along sharded dims come from these attributes; set to local values")
-            a.plan = a.plan.with_entries(compress(entries + [e]))
-            bad = [o for o, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern]
-            if not bad:
-                return e
+
+    def problems(keys: list[str]) -> int:
+        e = Entry(path, "patch", tuple((k, str(ints[k] // tp)) for k in keys),
+                  "sizes along sharded dims come from these attributes; set to local values")
+        a.plan = a.plan.with_entries(compress(entries + [e]))
+        return len([o for o, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
+
+    def entry(keys: list[str]) -> Entry:
+        return Entry(path, "patch", tuple((k, str(ints[k] // tp)) for k in keys),
+                     "sizes along sharded dims come from these attributes; set to local values")
+
+    cands, chosen = cands[:8], []
+    best = problems(chosen) if cands else 0
+    for k in cands:  # greedy: keep what removes mismatches
+        n = problems(chosen + [k])
+        if n < best:
+            chosen, best = chosen + [k], n
+        if best == 0:
+            return entry(chosen)
+    for pair in itertools.combinations(cands, 2):  # sizes that only agree once two attributes change
+        if problems(list(pair)) == 0:
+            return entry(list(pair))
     return None
+
+
+def _int_attrs(mod: nn.Module) -> dict[str, int]:
+    """Integer attributes of a module and of plain objects it holds (e.g. ``config.num_attention_heads``)."""
+    out = {}
+    for k, v in vars(mod).items():
+        if type(v) is int:
+            out[k] = v
+        elif not k.startswith("_") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type)):
+            out.update({f"{k}.{j}": w for j, w in vars(v).items() if type(w) is int and not j.startswith("_")})
+    return out
 
 
 def _concrete(a: Analysis) -> set[str]:
@@ -178,11 +210,9 @@ def _apply(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, exam
 def _module_inputs(dense_meta: nn.Module, paths: list[str], example_inputs: Any) -> dict[str, tuple]:
     got: dict[str, tuple] = {}
     hooks = [dense_meta.get_submodule(p).register_forward_pre_hook(
-        (lambda p: lambda m, a, k: got.setdefault(p, (a, k)))(p), with_kwargs=True) for p in paths]
-    args, kwargs = split_inputs(example_inputs)
-    try:
-        with torch.no_grad():
-            dense_meta(*to_meta(args), **to_meta(kwargs))
+        (lambda p: lambda m, a, k: got.setdefault(p, _concrete_meta((a, k))))(p), with_kwargs=True) for p in paths]
+    try:  # inside a capture, so model code that branches on values sees a tracer, not a meta tensor
+        capture(dense_meta, example_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -190,6 +220,17 @@ def _module_inputs(dense_meta: nn.Module, paths: list[str], example_inputs: Any)
     if missing:
         raise RewriteError(f"modules {missing} were not called by the model's forward on example_inputs")
     return got
+
+
+def _concrete_meta(x: Any) -> Any:
+    """Tensors seen during a capture (fake) as plain meta tensors of the same shape."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty(tuple(int(d) for d in x.shape), dtype=x.dtype, device="meta")
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_concrete_meta(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _concrete_meta(v) for k, v in x.items()}
+    return x
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | Path | None = None,

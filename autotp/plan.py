@@ -153,7 +153,7 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
     params = []
     for kv in words[2:]:
         k, eq, v = kv.partition("=")
-        if style == "patch" and eq and k.isidentifier() and v.lstrip("-").isdigit():
+        if style == "patch" and eq and all(x.isidentifier() for x in k.split(".")) and v.lstrip("-").isdigit():
             params.append((k, v))
             continue
         if style == "patch":

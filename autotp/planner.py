@@ -141,6 +141,7 @@ class _Grower:
         self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
         self.tent: dict[fx.Node, Any] = {}
         self.segs: dict[str, list[int]] = {}
+        self.cuts: dict[str, list[tuple[list[int], bool, fx.Node]]] = {}
         self.consts: list[tuple[fx.Node, int, int]] = []
 
     # --- the Ctx the rules see
@@ -153,9 +154,29 @@ class _Grower:
         return self.c.shape(n)
 
     def segments(self, root: str, sizes: list[int], node: fx.Node) -> None:
-        if self.segs.get(root, sizes) != sizes:
-            raise NoRule(f"{node.name} splits a fused projection into {sizes}, elsewhere into {self.segs[root]}")
-        self.segs[root] = sizes
+        """A split of a fused projection's whole output into ``sizes`` (each piece is sharded)."""
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.cuts.setdefault(root, []).append((bounds, True, node))
+
+    def piece(self, root: str, total: int, start: int, end: int, node: fx.Node) -> None:
+        """A slice [start, end) of a fused projection's whole output: it must be one whole piece."""
+        self.cuts.setdefault(root, []).append(([0, start, end, total], False, node))
+
+    def _settle_segments(self) -> None:
+        for root, uses in self.cuts.items():
+            bounds = sorted({b for bs, _, _ in uses for b in bs})
+            sizes = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+            for bs, whole, node in uses:
+                if whole and sorted(set(bs)) != bounds:
+                    raise _at(node, NoRule(f"{node.name} splits a fused projection at {bs}, elsewhere at {bounds}"))
+                if not whole and bounds.index(bs[2]) - bounds.index(bs[1]) != 1:
+                    raise _at(node, NoRule(f"{node.name} slices [{bs[1]}:{bs[2]}] of a fused projection cut at "
+                                           f"{bounds}: not one whole piece"))
+            bad = [x for x in sizes if x % self.tp]
+            if bad:
+                raise _at(uses[0][2], NoRule(f"fused segment of size {bad[0]} not divisible by tp={self.tp}",
+                                             sizes=(bad[0],)))
+            self.segs[root] = sizes
 
     def shape_const(self, node: fx.Node, pos: int, global_: int) -> None:
         self.consts.append((node, pos, global_))
@@ -200,6 +221,7 @@ class _Grower:
             if out is not None:
                 for u in n.users:
                     heapq.heappush(heap, (order[u], u))
+        self._settle_segments()
         return rows
 
     def _closes(self, s: Site) -> bool:

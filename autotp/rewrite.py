@@ -1,6 +1,7 @@
 """Rewrite: the only place that mutates a model. Swaps planned modules for sharded layers."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -79,11 +80,23 @@ def apply_patches(model: nn.Module, resolved: dict[str, Entry]) -> None:
             continue
         mod = model.get_submodule(path)
         for k, v in e.params:
-            old = getattr(mod, k, None)
+            *holders, leaf = k.split(".")
+            obj = mod
+            for h in holders:  # an object the module holds (its config): this module gets its own copy
+                sub = getattr(obj, h, None)
+                if sub is None or isinstance(sub, nn.Module):
+                    obj = None
+                    break
+                if id(sub) not in getattr(mod, "_autotp_own", ()):
+                    sub = copy.copy(sub)
+                    setattr(obj, h, sub)
+                    mod.__dict__.setdefault("_autotp_own", set()).add(id(sub))
+                obj = sub
+            old = getattr(obj, leaf, None) if obj is not None else None
             if type(old) is not int:
                 raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}) has no "
                                         f"integer attribute '{k}' to patch (found {old!r}); fix or drop the line")
-            setattr(mod, k, int(v))
+            setattr(obj, leaf, int(v))
 
 
 def sum_grads(model: nn.Module, resolved: dict[str, Entry], group: Any) -> None:

@@ -47,6 +47,7 @@ class Ctx:
     def layout(self, n: Any) -> Shard | None: ...
     def shape(self, n: Any) -> tuple[int, ...] | None: ...
     def segments(self, root: str, sizes: list[int], node: fx.Node) -> None: ...
+    def piece(self, root: str, total: int, start: int, end: int, node: fx.Node) -> None: ...
     def shape_const(self, node: fx.Node, pos: int, global_: int) -> None: ...
 
 
@@ -187,7 +188,16 @@ def slice_(ctx: Ctx, node: fx.Node) -> Shard:
     lay, in_s = ctx.layout(x), ctx.shape(x)
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(in_s))
     if dim == lay.dim and ctx.shape(node)[dim] != in_s[dim]:
-        raise NoRule(f"{node.name} slices along the sharded dim {dim}")
+        start, end, step = (list(node.args[2:5]) + [None, None, None])[:3]
+        start = 0 if start is None else start + in_s[dim] if start < 0 else min(start, in_s[dim])
+        end = in_s[dim] if end is None else end + in_s[dim] if end < 0 else min(end, in_s[dim])
+        if lay.root is None or step not in (None, 1) or not all(isinstance(v, int) for v in (start, end)):
+            raise NoRule(f"{node.name} slices along the sharded dim {dim}")
+        ctx.piece(lay.root, in_s[dim], start, end, node)  # one piece of a fused q|k|v: each piece is sharded
+        _divisible(ctx, end - start, node, f"slice [{start}:{end}]")
+        ctx.shape_const(node, dim, start) if start else None
+        ctx.shape_const(node, dim, end) if end != in_s[dim] else None
+        return Shard(lay.dim)
     return Shard(lay.dim, lay.root if dim != lay.dim else None)
 
 
@@ -216,7 +226,7 @@ def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
     for s in sizes:
         _divisible(ctx, s, node, f"segment {sizes}")
     ctx.segments(lay.root, sizes, node)
-    given = node.args[1] if node.target is not aten.unbind.int and len(node.args) > 1 else None
+    given = node.args[1] if node.target in (aten.split.Tensor, aten.split_with_sizes.default) else None
     for g in sorted({given} if isinstance(given, int) else set(given) if isinstance(given, (list, tuple)) else set()):
         if isinstance(g, int):  # a literal split size: the local code must split at local sizes
             ctx.shape_const(node, dim, g)

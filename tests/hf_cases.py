@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 import autotp
 from cases import measure
-from hf_zoo import build
+from hf_zoo import build, optimum
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 
@@ -54,13 +55,26 @@ def _one(rank: int, world: int, name: str) -> dict:
     model = build(name)
     dense = copy.deepcopy(model)
     path = plan_path(name, world)
-    plan = autotp.load_plan(path) if path.exists() and not os.environ.get("AUTOTP_REPLAN") else autotp.make_plan(model, world)
+    fresh = None
+    if rank == 0 or not path.exists():  # rank 0 re-plans: the stored plan must be byte-identical
+        t0 = time.perf_counter()
+        fresh = autotp.make_plan(model, world)
+        plan_s = time.perf_counter() - t0
+        if rank == 0 and (os.environ.get("AUTOTP_REGEN") or not path.exists()):
+            fresh.save(path)
+    plan = autotp.load_plan(path) if path.exists() else fresh
     model = autotp.parallelize(model, world, plan=plan)
     kw = _inputs(model, batch=3, seq=11, seed=1)  # other shapes than the capture's (2 x 8)
     r = measure(rank, world, model, dense, plan, lambda m: _main_output(m(**kw, use_cache=False)))
-    r["groups"] = sum(1 for e in plan.entries if e.style == "rowwise")
-    r["layers"] = model.config.get_text_config().num_hidden_layers
+    if fresh is not None and rank == 0:
+        r["plan_same"] = fresh.to_text() == path.read_text()
+        r["plan_s"] = plan_s
+    r["optimum"] = optimum(model.config)
+    r["sum_grad"] = sum(len(e.get("p").split(",")) for e in plan.resolve(dict(model.named_modules())).values()
+                        if e.style == "sum_grad")
     r["model_class"] = type(model).__name__
+    r["patches"] = sorted({f"{k}" for e in plan.entries if e.style == "patch" for k, _ in e.params})
+    r["replicated"] = [f"{e.path}: {e.reason}" for e in plan.entries if e.style == "replicate"]
     if hasattr(model, "generate") and model.can_generate():
         prompt = _inputs(model, batch=2, seq=5, seed=2)
         with torch.no_grad():
