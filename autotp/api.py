@@ -41,7 +41,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
     a = plan_graph(c, tp, model=type(model).__name__, strict=strict)
     swapped = {e.path for e in a.plan.entries if e.style in ("colwise", "rowwise")}
     owners = []
-    for n, _, _ in a.shape_consts:
+    for n, _, _, _ in a.shape_consts:
         o = Captured.owner(n)
         if o and glob_of(o) not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
             owners.append(o)
@@ -75,23 +75,34 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
     the shape mismatches of this module; the result must remove them all.
     """
     tp = a.plan.tp
-    lits = {g for n, _, g in a.shape_consts if glob_of(Captured.owner(n)) == pattern}
+    lits: dict[int, int] = {}  # global size -> local size
+    for n, _, g, loc in a.shape_consts:
+        if glob_of(Captured.owner(n)) == pattern:
+            lits[g] = loc if lits.get(g, loc) == loc else -1
     mod = model.get_submodule(owners[0])
     ints = _int_attrs(mod)
     values = set(ints.values())
-    cands = [k for k, v in ints.items() if v > 1 and v % tp == 0 and
-             (v in lits or any(g % v == 0 and g // v in values for g in lits))]
+    local: dict[str, int] = {}
+    for k, v in ints.items():
+        if v > 1 and lits.get(v, -1) > 0:
+            local[k] = lits[v]
+        elif v > 1:  # a factor of a size, the cofactor being another attribute (heads * head_dim)
+            got = [v * lits[g] // g for g in lits if lits[g] > 0 and g % v == 0 and g // v in values
+                   and (v * lits[g]) % g == 0]
+            if got:
+                local[k] = got[0]
+    cands = [k for k in local if local[k] != ints[k]]
     cands.sort(key=lambda k: (ints[k] not in lits, k.count("."), k))
     path = pattern if len(owners) > 1 else owners[0]
 
     def problems(keys: list[str]) -> int:
-        e = Entry(path, "patch", tuple((k, str(ints[k] // tp)) for k in keys),
+        e = Entry(path, "patch", tuple((k, str(local[k])) for k in keys),
                   "sizes along sharded dims come from these attributes; set to local values")
         a.plan = a.plan.with_entries(compress(entries + [e]))
         return len([o for o, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
 
     def entry(keys: list[str]) -> Entry:
-        return Entry(path, "patch", tuple((k, str(ints[k] // tp)) for k in keys),
+        return Entry(path, "patch", tuple((k, str(local[k])) for k in keys),
                      "sizes along sharded dims come from these attributes; set to local values")
 
     cands, chosen = cands[:8], []
@@ -163,18 +174,43 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
     s1, s2, problems = seq(c), seq(c2), []
     for owner, nodes in s1.items():
         other = s2.get(owner, [])
-        if [n.target for n in nodes] != [n.target for n in other]:
+        pairs = _match(nodes, other)
+        if pairs is None:
             problems.append((owner, f"module '{owner}' runs different ops after sharding"))
             continue
-        for n, m in zip(nodes, other):
+        for n, m in pairs:
             want = list(c.shape(n))
             lay = layouts.get(n)
             if lay is not None and not isinstance(lay, list):
-                want[lay.dim] //= tp
+                want = lay.local(want, tp)
             if list(c2.shape(m)) != want:
                 problems.append((owner, f"{n.format_node()} in '{owner}': local shape {list(c2.shape(m))}, "
                                         f"expected {want}"))
     return problems
+
+
+# data-movement ops that local code may skip when they become identities (repeat_kv with one copy per rank)
+_LAYOUT_ONLY = {torch.ops.aten.expand.default, torch.ops.aten.reshape.default, torch.ops.aten.view.default,
+                torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor, torch.ops.aten._unsafe_view.default,
+                torch.ops.aten.squeeze.dim}
+
+
+def _match(a: list[fx.Node], b: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]] | None:
+    """Pair the ops of a module before and after sharding; only data-movement ops may go missing."""
+    ta, tb = [n.target for n in a], [n.target for n in b]
+    if ta == tb:
+        return list(zip(a, b))
+    import difflib
+
+    pairs = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes():
+        if tag == "equal":
+            pairs += list(zip(a[i1:i2], b[j1:j2]))
+        elif tag == "delete" and all(t in _LAYOUT_ONLY for t in ta[i1:i2]):
+            continue
+        else:
+            return None
+    return pairs
 
 
 def _apply(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, example_inputs: Any) -> nn.Module:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import CopyCache, copy_to_tp, is_dry, reduce_from_tp
+from .collectives import CopyCache, all_reduce, copy_to_tp, is_dry, reduce_from_tp
 
 _COPY_CACHE = CopyCache()
 
@@ -71,13 +71,31 @@ class ColumnParallelLinear(_ParallelLinear):
 
     style = "colwise"
 
+    rep = 1
+
     @classmethod
     def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
-                   group=None, segments: Sequence[int] | None = None) -> "ColumnParallelLinear":
-        w = shard_tensor(weight.detach(), 1 if in_out else 0, rank, tp, segments)
-        b = shard_tensor(bias.detach(), 0, rank, tp, segments) if bias is not None else None
-        return cls(_param(w, weight), _param(b, bias) if b is not None else None,
-                   in_out=in_out, group=group, tp=tp, rank=rank)
+                   group=None, segments: Sequence[int] | None = None, rep: int = 1) -> "ColumnParallelLinear":
+        """``rep > 1``: fewer heads than ranks; ``rep`` neighbouring ranks hold the same block of outputs."""
+        blocks, block = tp // rep, rank // rep
+        w = shard_tensor(weight.detach(), 1 if in_out else 0, block, blocks, segments)
+        b = shard_tensor(bias.detach(), 0, block, blocks, segments) if bias is not None else None
+        layer = cls(_param(w, weight), _param(b, bias) if b is not None else None,
+                    in_out=in_out, group=group, tp=tp, rank=rank)
+        if rep > 1:
+            layer.rep = rep
+            for p in (layer.weight, layer.bias):
+                if p is not None and p.requires_grad:  # each holder saw only its own heads' share
+                    p.register_hook(lambda g, layer=layer: layer._sum_over_holders(g))
+        return layer
+
+    def _sum_over_holders(self, g: torch.Tensor) -> torch.Tensor:
+        """Sum a gradient over the ranks holding the same block: one all-reduce over a [blocks, ...] buffer."""
+        if is_dry():
+            return g
+        buf = g.new_zeros((self.tp // self.rep, *g.shape))
+        buf[self.rank // self.rep] = g
+        return all_reduce(buf, self.group, "backward")[self.rank // self.rep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp > 1 and not is_dry():
@@ -85,7 +103,8 @@ class ColumnParallelLinear(_ParallelLinear):
         return self._linear(x, self.bias)  # (..., out/tp)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out_local={self.out_features}, tp={self.tp}, rank={self.rank}"
+        extra = f", rep={self.rep}" if self.rep > 1 else ""
+        return f"in={self.in_features}, out_local={self.out_features}, tp={self.tp}, rank={self.rank}{extra}"
 
 
 class RowParallelLinear(_ParallelLinear):

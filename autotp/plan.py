@@ -15,14 +15,15 @@ from .errors import PlanFormatError, PlanMismatchError
 
 FORMAT = "autotp-plan 1"
 STYLES = {
-    "colwise": {"in", "out", "w", "seg"},  # output features sharded (seg: fused segments, each sharded)
+    "colwise": {"in", "out", "w", "seg", "rep"},  # output features sharded (seg: fused segments, each sharded;
+    # rep: fewer heads than ranks, each block of features held by rep ranks)
     "rowwise": {"in", "out", "w"},  # input features sharded, one all-reduce after
     "replicate": {"in", "out", "w"},  # every rank keeps the whole module
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
 }
-_INT_KEYS = {"in", "out"}
+_INT_KEYS = {"in", "out", "rep"}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .errors import ShardingError
 from .plan import Entry, Plan, glob_of
-from .rules import Need, NoRule, Shard, rule_for
+from .rules import Need, NoRule, Rep, Shard, rule_for
 from .trace import Captured
 
 aten = torch.ops.aten
@@ -49,7 +49,7 @@ class Analysis:
     plan: Plan
     layouts: dict[fx.Node, Any]
     sites: dict[fx.Node, Site]
-    shape_consts: list[tuple[fx.Node, int, int]] = field(default_factory=list)
+    shape_consts: list[tuple[fx.Node, int, int, int]] = field(default_factory=list)  # node, dim, global, local
     groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
 
 
@@ -137,12 +137,14 @@ def _op(n: fx.Node) -> str:
 class _Grower:
     """Propagates one tentative group's layouts on top of the committed ones."""
 
-    def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int):
+    def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int,
+                 reps: dict[str, int] | None = None):
         self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
+        self.reps = reps or {}
         self.tent: dict[fx.Node, Any] = {}
         self.segs: dict[str, list[int]] = {}
         self.cuts: dict[str, list[tuple[list[int], bool, fx.Node]]] = {}
-        self.consts: list[tuple[fx.Node, int, int]] = []
+        self.consts: list[tuple[fx.Node, int, int, int]] = []
 
     # --- the Ctx the rules see
     def layout(self, n: Any):
@@ -178,8 +180,8 @@ class _Grower:
                                              sizes=(bad[0],)))
             self.segs[root] = sizes
 
-    def shape_const(self, node: fx.Node, pos: int, global_: int) -> None:
-        self.consts.append((node, pos, global_))
+    def shape_const(self, node: fx.Node, pos: int, global_: int, local: int) -> None:
+        self.consts.append((node, pos, global_, local))
 
     # --- propagation
     def run(self, cols: list[Site]) -> list[Site]:
@@ -188,7 +190,7 @@ class _Grower:
         rows: list[Site] = []
         colnodes = {s.node for s in cols}
         for s in cols:
-            self.tent[s.node] = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name)
+            self.tent[s.node] = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name, rep=self.reps.get(s.node.name, 1))
             for u in s.node.users:
                 heapq.heappush(heap, (order[u], u))
         done = set()
@@ -226,7 +228,7 @@ class _Grower:
 
     def _closes(self, s: Site) -> bool:
         lay = self.layout(s.x)
-        return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and s.blocker is None
+        return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and lay.rep == 1 and s.blocker is None
                 and s.node not in self.roles and s.in_features % self.tp == 0)
 
 
@@ -248,6 +250,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
     analysis = Analysis(Plan(tp, ()), committed, sites)
     segments: dict[str, list[int]] = {}
     indivisible: list[tuple[list[Site], NoRule]] = []
+    all_reps: dict[str, int] = {}
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.node in roles:
             continue
@@ -256,11 +259,11 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             continue
         if committed.get(s.x) is not None or tp == 1:
             continue
-        cols, err = [s], None
+        cols, err, reps = [s], None, {}
         while True:
-            g = _Grower(c, sites, committed, roles, tp)
+            g = _Grower(c, sites, committed, roles, tp, reps)
             try:
-                bad = [x for x in cols if x.out_features % tp]
+                bad = [x for x in cols if x.out_features % (tp // reps.get(x.node.name, 1))]
                 if bad:
                     b = bad[0]
                     small = b.out_features < tp  # a gate of width 1 is replicated, not an error
@@ -277,6 +280,11 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                 err = NoRule(f"{e.value.name} would have to be sharded on dim {e.layout.dim} for "
                              f"{_op(e.node)}, and no column projection produces it")
                 err.node = e.node
+            except Rep as e:
+                if e.root not in reps:
+                    reps[e.root] = e.rep
+                    continue
+                err = NoRule(f"{e.root} needs {e.rep} ranks per head twice")
             except NoRule as e:
                 err = e
             break
@@ -292,6 +300,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             continue
         committed.update(g.tent)
         analysis.shape_consts += g.consts
+        all_reps.update(reps)
         analysis.groups.append((cols, rows))
         segments.update(g.segs)
         gname = glob_of(_common([x.module for x in cols + rows]))
@@ -315,6 +324,10 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         if style == "colwise" and seg and len(seg) > 1:
             params.append(("seg", ",".join(map(str, seg))))
             reason += f"; fused output split into {len(seg)} segments, each sharded"
+        r = all_reps.get(s.node.name, 1)
+        if style == "colwise" and r > 1:
+            params.append(("rep", str(r)))
+            reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
         entries.append(Entry(s.module, style, tuple(params), reason))
     for module, names in partial.items():
         entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),

@@ -42,7 +42,10 @@ def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
     if b is not None and (not isinstance(b, nn.Parameter) or tuple(b.shape) != (o,)):
         raise PlanMismatchError(f"module '{path}': bias shape {list(getattr(b, 'shape', []))} != [{o}]")
     seg = e.ints("seg") or [o]
-    if e.style == "colwise" and any(s % tp for s in seg):
+    r = int(e.get("rep", "1"))
+    if tp % r:
+        raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
+    if e.style == "colwise" and any(s % (tp // r) for s in seg):
         ok = [t for t in range(1, max(seg) + 1) if all(s % t == 0 for s in seg)]
         raise ShardingError(f"module '{path}': colwise output sizes {seg} are not divisible by tp={tp}; "
                             f"tp values that work: {ok}")
@@ -60,8 +63,9 @@ def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: 
         if cls is None:
             continue
         mod = model.get_submodule(path)
+        kw = {"rep": int(e.get("rep"))} if e.get("rep") else {}
         layer = cls.from_dense(mod.weight, getattr(mod, "bias", None), in_out=e.get("w") == "in_out",
-                               rank=rank, tp=tp, group=group, segments=e.ints("seg"))
+                               rank=rank, tp=tp, group=group, segments=e.ints("seg"), **kw)
         layer.train(mod.training)
         set_submodule(model, path, layer)
         swapped.append(path)

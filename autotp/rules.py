@@ -21,8 +21,32 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Shard:
+    """Sharded along ``dim``: ``tp // rep`` blocks, rank r holds block ``r // rep``.
+
+    ``rep > 1`` when there are fewer blocks (KV heads) than ranks: each block lives on ``rep``
+    ranks. ``spread``: a broadcast dim (expanded from 1, e.g. repeat_kv's copies) that the
+    ``rep`` ranks of a block split among themselves; merging it with ``dim`` gives a plain shard.
+    """
+
     dim: int  # non-negative
     root: str | None = None  # column node whose whole output this is (for fused q|k|v splits)
+    rep: int = 1
+    spread: int | None = None
+
+    def local(self, shape: tuple[int, ...] | list[int], tp: int) -> list[int]:
+        s = list(shape)
+        s[self.dim] = s[self.dim] * self.rep // tp
+        if self.spread is not None:
+            s[self.spread] //= self.rep
+        return s
+
+
+class Rep(Exception):
+    """Fewer heads than ranks: restart the group with column ``root`` giving each block to ``rep`` ranks."""
+
+    def __init__(self, root: str, rep: int) -> None:
+        super().__init__(f"{root}: {rep} ranks per block")
+        self.root, self.rep = root, rep
 
 
 class NoRule(Exception):
@@ -48,7 +72,7 @@ class Ctx:
     def shape(self, n: Any) -> tuple[int, ...] | None: ...
     def segments(self, root: str, sizes: list[int], node: fx.Node) -> None: ...
     def piece(self, root: str, total: int, start: int, end: int, node: fx.Node) -> None: ...
-    def shape_const(self, node: fx.Node, pos: int, global_: int) -> None: ...
+    def shape_const(self, node: fx.Node, pos: int, global_: int, local: int) -> None: ...
 
 
 def tensor_args(ctx: Ctx, node: fx.Node) -> list[fx.Node]:
@@ -61,9 +85,14 @@ def _norm(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
 
-def _divisible(ctx: Ctx, size: int, node: fx.Node, what: str) -> None:
-    if size % ctx.tp:
+def _divisible(ctx: Ctx, size: int, node: fx.Node, what: str, rep: int = 1) -> None:
+    if size % (ctx.tp // rep):
         raise NoRule(f"{what} of size {size} at {node.name} is not divisible by tp={ctx.tp}", sizes=(size,))
+
+
+def _plain(lay: Shard, node: fx.Node) -> None:
+    if lay.spread is not None:
+        raise NoRule(f"{node.name}: a repeated KV head must be merged into the head dim first")
 
 
 # ---------------------------------------------------------------- elementwise
@@ -74,17 +103,21 @@ def elementwise(ctx: Ctx, node: fx.Node) -> Shard:
     ts = tensor_args(ctx, node)
     sharded = [(a, ctx.layout(a)) for a in ts if ctx.layout(a) is not None]
     dims = {lay.dim + out_nd - len(ctx.shape(a)) for a, lay in sharded}
-    if len(dims) != 1:
+    reps = {(lay.rep, lay.spread is None) for _, lay in sharded}
+    if len(dims) != 1 or len(reps) > 1:
         raise NoRule(f"{node.name} ({node.target}) mixes operands sharded on different dims")
+    _plain(sharded[0][1], node)
     od = dims.pop()
     for a in ts:
         if ctx.layout(a) is None:
             s = ctx.shape(a)
             ad = od - (out_nd - len(s))
             if ad >= 0 and s[ad] != 1:  # a full-size replicated operand along the sharded dim
+                if sharded[0][1].rep > 1:
+                    raise NoRule(f"{node.name}: a replicated operand meets a KV head held by several ranks")
                 raise Need(a, Shard(ad))
     roots = {lay.root for _, lay in sharded}
-    return Shard(od, roots.pop() if len(roots) == 1 and len(sharded) == 1 else None)
+    return Shard(od, roots.pop() if len(roots) == 1 and len(sharded) == 1 else None, sharded[0][1].rep)
 
 
 def unary(ctx: Ctx, node: fx.Node) -> Shard:
@@ -126,43 +159,57 @@ def reshape(ctx: Ctx, node: fx.Node) -> Shard:
     x = node.args[0]
     lay, in_s, out_s = ctx.layout(x), ctx.shape(x), ctx.shape(node)
     j = map_reshape(in_s, out_s, lay.dim)
-    _divisible(ctx, out_s[j], node, f"dim {j} of reshape {out_s}")
     sizes = node.args[1] if len(node.args) > 1 else None
+    if lay.spread is not None:  # repeat_kv: (kv heads on rep ranks) x (copies split by rep) -> plain heads
+        if lay.spread != lay.dim + 1 or out_s[j] != in_s[lay.dim] * in_s[lay.spread]:
+            raise NoRule(f"{node.name}: reshape {in_s} -> {out_s} does not merge repeated KV heads into heads")
+        out = Shard(j)
+    else:
+        if out_s[j] % (ctx.tp // lay.rep) and lay.rep == 1 and lay.root and ctx.tp % out_s[j] == 0 \
+                and out_s[j] != in_s[lay.dim]:
+            raise Rep(lay.root, ctx.tp // out_s[j])  # fewer heads than ranks: each head on several ranks
+        _divisible(ctx, out_s[j], node, f"dim {j} of reshape {out_s}", lay.rep)
+        out = Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None, lay.rep)
     if isinstance(sizes, (list, tuple)) and len(sizes) == len(out_s) and isinstance(sizes[j], int) and sizes[j] != -1:
-        ctx.shape_const(node, j, sizes[j])
-    return Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None)
+        ctx.shape_const(node, j, sizes[j], out.local(out_s, ctx.tp)[j])
+    return out
 
 
 def flatten(ctx: Ctx, node: fx.Node) -> Shard:
     """flatten/unflatten: a reshape read from the shapes (unflatten's literal sizes are shape constants)."""
     x = node.args[0]
     lay, in_s, out_s = ctx.layout(x), ctx.shape(x), ctx.shape(node)
+    _plain(lay, node)
     j = map_reshape(in_s, out_s, lay.dim)
-    _divisible(ctx, out_s[j], node, f"dim {j} of {out_s}")
+    _divisible(ctx, out_s[j], node, f"dim {j} of {out_s}", lay.rep)
+    out = Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None, lay.rep)
     if node.target is aten.unflatten.int:
         d, sizes = _norm(node.args[1], len(in_s)), node.args[2]
         if d <= j < d + len(sizes) and isinstance(sizes[j - d], int) and sizes[j - d] != -1:
-            ctx.shape_const(node, j, sizes[j - d])
-    return Shard(j, lay.root if out_s[j] == in_s[lay.dim] else None)
+            ctx.shape_const(node, j, sizes[j - d], out.local(out_s, ctx.tp)[j])
+    return out
 
 
 def transpose(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     a, b = (_norm(node.args[1], nd), _norm(node.args[2], nd)) if len(node.args) > 2 else (0, 1)
+    _plain(lay, node)
     d = b if lay.dim == a else a if lay.dim == b else lay.dim
-    return Shard(d, lay.root if d == nd - 1 and lay.dim == nd - 1 else None)
+    return Shard(d, lay.root if d == nd - 1 and lay.dim == nd - 1 else None, lay.rep)
 
 
 def permute(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     dims = [_norm(d, nd) for d in node.args[1]] if len(node.args) > 1 else list(range(nd))[::-1]  # numpy_T
-    return Shard(dims.index(lay.dim))
+    _plain(lay, node)
+    return Shard(dims.index(lay.dim), rep=lay.rep)
 
 
 def unsqueeze(ctx: Ctx, node: fx.Node) -> Shard:
     lay = ctx.layout(node.args[0])
+    _plain(lay, node)
     d = _norm(node.args[1], len(ctx.shape(node)))
-    return Shard(lay.dim + 1 if d <= lay.dim else lay.dim)
+    return Shard(lay.dim + 1 if d <= lay.dim else lay.dim, rep=lay.rep)
 
 
 def squeeze(ctx: Ctx, node: fx.Node) -> Shard:
@@ -171,16 +218,26 @@ def squeeze(ctx: Ctx, node: fx.Node) -> Shard:
     dims = node.args[1] if len(node.args) > 1 else list(range(len(in_s)))
     dims = [dims] if isinstance(dims, int) else dims
     gone = [_norm(d, len(in_s)) for d in dims if in_s[_norm(d, len(in_s))] == 1]
-    return Shard(lay.dim - sum(1 for d in gone if d < lay.dim))
+    _plain(lay, node)
+    return Shard(lay.dim - sum(1 for d in gone if d < lay.dim), rep=lay.rep)
 
 
 def expand(ctx: Ctx, node: fx.Node) -> Shard:
     x = node.args[0]
     lay, in_nd, sizes = ctx.layout(x), len(ctx.shape(x)), node.args[1]
+    _plain(lay, node)
+    in_s, out_s = ctx.shape(x), ctx.shape(node)
     d = lay.dim + len(sizes) - in_nd
+    out = Shard(d, rep=lay.rep)
+    if lay.rep > 1 and d + 1 < len(out_s) and in_s[lay.dim + 1] == 1 and out_s[d + 1] > 1:
+        if out_s[d + 1] % lay.rep:
+            raise NoRule(f"{node.name}: {out_s[d + 1]} copies of a KV head cannot be split over {lay.rep} ranks")
+        out = Shard(d, rep=lay.rep, spread=d + 1)  # repeat_kv: the ranks sharing a KV head split its copies
+        if isinstance(sizes[d + 1], int):
+            ctx.shape_const(node, d + 1, sizes[d + 1], sizes[d + 1] // lay.rep)
     if isinstance(sizes[d], int) and sizes[d] != -1:
-        ctx.shape_const(node, d, sizes[d])
-    return Shard(d)
+        ctx.shape_const(node, d, sizes[d], out.local(out_s, ctx.tp)[d])
+    return out
 
 
 def slice_(ctx: Ctx, node: fx.Node) -> Shard:
@@ -193,12 +250,15 @@ def slice_(ctx: Ctx, node: fx.Node) -> Shard:
         end = in_s[dim] if end is None else end + in_s[dim] if end < 0 else min(end, in_s[dim])
         if lay.root is None or step not in (None, 1) or not all(isinstance(v, int) for v in (start, end)):
             raise NoRule(f"{node.name} slices along the sharded dim {dim}")
+        if lay.rep > 1:
+            raise NoRule(f"{node.name} slices a fused projection whose heads are fewer than tp")
         ctx.piece(lay.root, in_s[dim], start, end, node)  # one piece of a fused q|k|v: each piece is sharded
         _divisible(ctx, end - start, node, f"slice [{start}:{end}]")
-        ctx.shape_const(node, dim, start) if start else None
-        ctx.shape_const(node, dim, end) if end != in_s[dim] else None
+        ctx.shape_const(node, dim, start, start // ctx.tp) if start else None
+        ctx.shape_const(node, dim, end, end // ctx.tp) if end != in_s[dim] else None
         return Shard(lay.dim)
-    return Shard(lay.dim, lay.root if dim != lay.dim else None)
+    _plain(lay, node)
+    return Shard(lay.dim, lay.root if dim != lay.dim else None, lay.rep)
 
 
 def select(ctx: Ctx, node: fx.Node) -> Shard:
@@ -206,7 +266,8 @@ def select(ctx: Ctx, node: fx.Node) -> Shard:
     dim = _norm(node.args[1], nd)
     if dim == lay.dim:
         raise NoRule(f"{node.name} selects along the sharded dim {dim}")
-    return Shard(lay.dim - (1 if dim < lay.dim else 0))
+    _plain(lay, node)
+    return Shard(lay.dim - (1 if dim < lay.dim else 0), rep=lay.rep)
 
 
 def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
@@ -215,13 +276,14 @@ def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
     outs = node.meta.get("val")
     sizes = [int(t.shape[_norm(_split_dim(node), len(in_s))]) for t in outs]
     dim = _norm(_split_dim(node), len(in_s))
+    _plain(lay, node)
     if node.target is aten.unbind.int:
         if dim == lay.dim:
             raise NoRule(f"{node.name} unbinds the sharded dim")
-        return [Shard(lay.dim - (1 if dim < lay.dim else 0))] * len(outs)
+        return [Shard(lay.dim - (1 if dim < lay.dim else 0), rep=lay.rep)] * len(outs)
     if dim != lay.dim:
-        return [Shard(lay.dim)] * len(outs)
-    if lay.root is None:
+        return [Shard(lay.dim, rep=lay.rep)] * len(outs)
+    if lay.root is None or lay.rep > 1:
         raise NoRule(f"{node.name} splits sharded dim {dim} of a value that is not a projection's whole output")
     for s in sizes:
         _divisible(ctx, s, node, f"segment {sizes}")
@@ -229,7 +291,7 @@ def split(ctx: Ctx, node: fx.Node) -> list[Shard]:
     given = node.args[1] if node.target in (aten.split.Tensor, aten.split_with_sizes.default) else None
     for g in sorted({given} if isinstance(given, int) else set(given) if isinstance(given, (list, tuple)) else set()):
         if isinstance(g, int):  # a literal split size: the local code must split at local sizes
-            ctx.shape_const(node, dim, g)
+            ctx.shape_const(node, dim, g, g // ctx.tp)
     return [Shard(dim)] * len(outs)
 
 
@@ -243,6 +305,10 @@ def stack(ctx: Ctx, node: fx.Node) -> Shard:
     ts = list(node.args[0])
     nd = len(ctx.shape(node))
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    lays = [ctx.layout(t) for t in ts if ctx.layout(t) is not None]
+    if any(x.spread is not None for x in lays) or len({x.rep for x in lays}) > 1:
+        raise NoRule(f"{node.name} joins KV heads held by several ranks with other values")
+    r = lays[0].rep if lays else 1
     sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
     if len(sharded) != 1:
         raise NoRule(f"{node.name} stacks values sharded on different dims")
@@ -250,7 +316,7 @@ def stack(ctx: Ctx, node: fx.Node) -> Shard:
     for t in ts:
         if ctx.layout(t) is None:
             raise Need(t, Shard(d))
-    return Shard(d + 1 if dim <= d else d)
+    return Shard(d + 1 if dim <= d else d, rep=r)
 
 
 def getitem(ctx: Ctx, node: fx.Node) -> Shard | None:
@@ -263,6 +329,10 @@ def cat(ctx: Ctx, node: fx.Node) -> Shard:
     ts = list(node.args[0])
     nd = len(ctx.shape(node))
     dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    lays = [ctx.layout(t) for t in ts if ctx.layout(t) is not None]
+    if any(x.spread is not None for x in lays) or len({x.rep for x in lays}) > 1:
+        raise NoRule(f"{node.name} joins KV heads held by several ranks with other values")
+    r = lays[0].rep if lays else 1
     sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
     if len(sharded) != 1:
         raise NoRule(f"{node.name} concatenates values sharded on different dims")
@@ -272,7 +342,7 @@ def cat(ctx: Ctx, node: fx.Node) -> Shard:
     for t in ts:
         if ctx.layout(t) is None:
             raise Need(t, Shard(d))
-    return Shard(d)
+    return Shard(d, rep=r)
 
 
 # ---------------------------------------------------------------- reductions and normalizations
@@ -282,7 +352,8 @@ def softmax(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     if _norm(node.args[1], nd) == lay.dim:
         raise NoRule(f"{node.name} normalizes over the sharded dim {lay.dim}")
-    return Shard(lay.dim)
+    _plain(lay, node)
+    return Shard(lay.dim, rep=lay.rep)
 
 
 def reduction(ctx: Ctx, node: fx.Node) -> Shard:
@@ -296,7 +367,8 @@ def reduction(ctx: Ctx, node: fx.Node) -> Shard:
     if lay.dim in dims:
         raise NoRule(f"{node.name} ({node.target}) reduces over the sharded dim {lay.dim}")
     keep = len(ctx.shape(node)) == nd
-    return Shard(lay.dim if keep else lay.dim - sum(1 for d in dims if d < lay.dim))
+    _plain(lay, node)
+    return Shard(lay.dim if keep else lay.dim - sum(1 for d in dims if d < lay.dim), rep=lay.rep)
 
 
 def norm(ctx: Ctx, node: fx.Node) -> Shard:
@@ -307,7 +379,8 @@ def norm(ctx: Ctx, node: fx.Node) -> Shard:
     k = len(node.args[1])
     if lay.dim >= nd - k:
         raise NoRule(f"{node.name} ({node.target}) normalizes over the sharded features (dim {lay.dim})")
-    return Shard(lay.dim)
+    _plain(lay, node)
+    return Shard(lay.dim, rep=lay.rep)
 
 
 # ---------------------------------------------------------------- contractions
@@ -315,12 +388,14 @@ def norm(ctx: Ctx, node: fx.Node) -> Shard:
 
 def contract(ctx: Ctx, node: fx.Node, operands: list[tuple[fx.Node, str]], out_labels: str) -> Shard:
     """Shared rule for matmul/einsum/sdpa: operands are labelled dims (aligned from the right)."""
-    labels = set()
+    labels, reps = set(), {}
     for a, labs in operands:
         lay = ctx.layout(a)
         if lay is not None:
+            _plain(lay, node)
             labels.add(labs[lay.dim])
-    if len(labels) != 1:
+            reps[ctx.shape(a)[lay.dim]] = reps.get(ctx.shape(a)[lay.dim], set()) | {lay.rep}
+    if len(labels) != 1 or any(len(r) > 1 for r in reps.values()):
         raise NoRule(f"{node.name} ({node.target}) has operands sharded on different dims")
     lab = labels.pop()
     if lab not in out_labels:
@@ -330,7 +405,13 @@ def contract(ctx: Ctx, node: fx.Node, operands: list[tuple[fx.Node, str]], out_l
             k = labs.index(lab)
             if ctx.shape(a)[k] != 1:
                 raise Need(a, Shard(k))
-    return Shard(out_labels.index(lab))
+    o = out_labels.index(lab)
+    # grouped-query attention: q heads and (fewer) KV heads share a label; the output has q's count
+    size = ctx.shape(node)[o] if ctx.shape(node) is not None else None
+    rep = reps.get(size, {1})
+    if len(reps) > 1 and size not in reps:
+        raise NoRule(f"{node.name} ({node.target}): sharded sizes {sorted(reps)} do not match the output")
+    return Shard(o, rep=next(iter(rep)))
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"

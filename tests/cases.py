@@ -19,6 +19,8 @@ def build(name: str):
         return GPT(GPTConfig(n_head=4, n_embd=32)), torch.randint(0, 96, (3, 12))
     if name == "llama_gqa":
         return TinyLlama(n_heads=8, n_kv_heads=4, dim=64, hidden=128), torch.randint(0, 80, (3, 10))
+    if name == "llama_kv2":  # 2 KV heads: at tp=4 each is held by 2 ranks
+        return TinyLlama(n_heads=8, n_kv_heads=2, dim=64, hidden=128), torch.randint(0, 80, (3, 10))
     if name == "einsum":
         return EinsumNet(dim=32, n_heads=4), torch.randn(3, 10, 32)
     if name == "mlp":
@@ -28,7 +30,7 @@ def build(name: str):
     return traps[name](), torch.randn(3, 5, 16)
 
 
-CASES = ["nanogpt", "llama_gqa", "einsum", "mlp", "trap_norm", "trap_residual", "trap_twice", "trap_reduce"]
+CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "trap_norm", "trap_residual", "trap_twice", "trap_reduce"]
 
 
 def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg) -> torch.Tensor:
@@ -39,7 +41,8 @@ def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg)
         dim = 0 if mod.in_out else 1
     else:
         return dense_p
-    ranges = shard_ranges(dense_p.shape[dim], rank, tp, seg)
+    rep = getattr(mod, "rep", 1)  # fewer heads than ranks: rep ranks hold the same block
+    ranges = shard_ranges(dense_p.shape[dim], rank // rep, tp // rep, seg)
     return torch.cat([dense_p.narrow(dim, a, b - a) for a, b in ranges], dim)
 
 
@@ -80,20 +83,22 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
         if ref.grad is not None or p.grad is not None:
             want_g = _local_slice(ref.grad, mods[mpath], leaf, rank, world, seg_of.get(mpath))
             gdiff = max(gdiff, (p.grad - want_g).abs().max().item())
-    sharded = sum(p.numel() for n, p in dense.named_parameters()
-                  if any(n.startswith(m + ".") and (isinstance(mods[m], ColumnParallelLinear) or
-                                                   (isinstance(mods[m], RowParallelLinear) and n.endswith("weight")))
-                         for m in mods if m))
     total = sum(p.numel() for p in dense.parameters())
+    ideal = total  # replicated + shardable / tp (a block held by rep ranks counts rep / tp)
+    for n, p in dense.named_parameters():
+        m = mods.get(n.rpartition(".")[0])
+        if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear) and n.endswith("weight")):
+            ideal -= p.numel() - p.numel() * getattr(m, "rep", 1) // world
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output
     dist.all_reduce(allsame)
     return dict(
         out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(),
         grad_diff=gdiff, grad_scale=max(p.grad.abs().max().item() for p in dense.parameters() if p.grad is not None),
-        param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=total - sharded + sharded // world,
+        param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=ideal,
         total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
         rows=sum(1 for m in model.modules() if isinstance(m, RowParallelLinear)),
+        shared_heads=sum(1 for m in model.modules() if getattr(m, "rep", 1) > 1),
         same_on_all=abs(allsame.item() / world - y.detach().double().sum().item()),
         classes=type(model).__name__)
 

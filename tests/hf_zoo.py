@@ -75,8 +75,8 @@ ARCHS = [
     "megatron-bert",
     "bart", "mbart", "pegasus", "marian", "m2m_100", "blenderbot", "t5",
 ]
-# tp=4 subset (4 heads: one head per rank)
-ARCHS_TP4 = ["llama", "qwen3", "gpt2", "opt", "falcon", "gptj", "bert", "bart"]
+# tp=4 subset (4 heads: one head per rank; llama_gqa's 2 KV heads are each held by 2 ranks)
+ARCHS_TP4 = ["llama", "llama_gqa", "qwen3", "gpt2", "opt", "falcon", "gptj", "bert", "bart"]
 # sharded at the optimum: 2 all-reduces per block (3 per decoder block with cross-attention)
 OPTIMAL = set(ARCHS) - {"bloom", "mpt", "xglm", "olmo2", "mixtral", "qwen3_moe", "olmoe", "albert", "deberta-v2",
                         "mpnet", "t5", "electra"}
