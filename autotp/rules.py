@@ -301,21 +301,27 @@ def _split_dim(node: fx.Node) -> int:
     return node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
 
 
-def stack(ctx: Ctx, node: fx.Node) -> Shard:
+def _joined(ctx: Ctx, node: fx.Node, *, along_ok: bool) -> tuple[int, int, int]:
+    """cat/stack: the operands, the join dim, the one sharded dim they share and its rep."""
     ts = list(node.args[0])
-    nd = len(ctx.shape(node))
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, len(ctx.shape(node)))
     lays = [ctx.layout(t) for t in ts if ctx.layout(t) is not None]
     if any(x.spread is not None for x in lays) or len({x.rep for x in lays}) > 1:
         raise NoRule(f"{node.name} joins KV heads held by several ranks with other values")
-    r = lays[0].rep if lays else 1
-    sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
+    sharded = {x.dim for x in lays}
     if len(sharded) != 1:
-        raise NoRule(f"{node.name} stacks values sharded on different dims")
+        raise NoRule(f"{node.name} joins values sharded on different dims")
     d = sharded.pop()
+    if d == dim and not along_ok:
+        raise NoRule(f"{node.name} concatenates along the sharded dim {dim}")
     for t in ts:
         if ctx.layout(t) is None:
             raise Need(t, Shard(d))
+    return dim, d, lays[0].rep
+
+
+def stack(ctx: Ctx, node: fx.Node) -> Shard:
+    dim, d, r = _joined(ctx, node, along_ok=True)  # stacking adds a new dim: never the sharded one
     return Shard(d + 1 if dim <= d else d, rep=r)
 
 
@@ -326,22 +332,7 @@ def getitem(ctx: Ctx, node: fx.Node) -> Shard | None:
 
 
 def cat(ctx: Ctx, node: fx.Node) -> Shard:
-    ts = list(node.args[0])
-    nd = len(ctx.shape(node))
-    dim = _norm(node.args[1] if len(node.args) > 1 else 0, nd)
-    lays = [ctx.layout(t) for t in ts if ctx.layout(t) is not None]
-    if any(x.spread is not None for x in lays) or len({x.rep for x in lays}) > 1:
-        raise NoRule(f"{node.name} joins KV heads held by several ranks with other values")
-    r = lays[0].rep if lays else 1
-    sharded = {ctx.layout(t).dim for t in ts if ctx.layout(t) is not None}
-    if len(sharded) != 1:
-        raise NoRule(f"{node.name} concatenates values sharded on different dims")
-    d = sharded.pop()
-    if d == dim:
-        raise NoRule(f"{node.name} concatenates along the sharded dim {dim}")
-    for t in ts:
-        if ctx.layout(t) is None:
-            raise Need(t, Shard(d))
+    _, d, r = _joined(ctx, node, along_ok=False)
     return Shard(d, rep=r)
 
 
