@@ -152,7 +152,7 @@ def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_in
             c2 = capture(m, example_inputs)
         except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
             return [(None, str(e).splitlines()[0][:300])]
-    swapped = {s.module for s in a.sites.values()}
+    swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
     return _compare(c, c2, a.layouts, swapped, a.plan.tp)
 
 

@@ -2,6 +2,7 @@
 
 ``copy_to_tp``   (f): identity forward, all-reduce of the gradient backward.
 ``reduce_from_tp`` (g): all-reduce forward, identity backward.
+``gather_from_tp``: all-gather of the last dim forward, this rank's slice of the gradient backward.
 
 Every collective goes through :func:`all_reduce`, which counts calls so tests and the
 profiler can assert exactly how much communication a forward/backward costs.
@@ -65,6 +66,30 @@ def all_reduce(x: torch.Tensor, group, phase: str) -> torch.Tensor:
     return out
 
 
+def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
+    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order)."""
+    if _DRY[0] or x.device.type == "meta":  # shape checks: the gathered shape, no data
+        return x.repeat(*([1] * (x.dim() - 1)), tp)
+    COUNTS["all_gather.forward"] += 1
+    COUNTS["bytes.forward"] += x.numel() * x.element_size() * tp
+    t0 = time.perf_counter() if _TIMING[0] else 0.0
+    out = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+    if _TIMING[0]:
+        TIMES["forward"] += time.perf_counter() - t0
+    return out
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, rank, tp):
+        ctx.n, ctx.rank = x.shape[-1], rank
+        return all_gather_last(x, group, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(-1, ctx.rank * ctx.n, ctx.n), None, None, None
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -125,6 +150,12 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _ReduceFromTP.apply(x, group)
     return all_reduce(x, group, "forward")
+
+
+def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherFromTP.apply(x, group, rank, tp)
+    return all_gather_last(x, group, tp)
 
 
 def group_size(group) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import CopyCache, all_reduce, copy_to_tp, is_dry, reduce_from_tp
+from .collectives import CopyCache, all_reduce, copy_to_tp, gather_from_tp, is_dry, reduce_from_tp
 
 _COPY_CACHE = CopyCache()
 
@@ -72,6 +72,7 @@ class ColumnParallelLinear(_ParallelLinear):
     style = "colwise"
 
     rep = 1
+    gather = False  # all-gather the output (an LM head: every rank gets the full logits)
 
     @classmethod
     def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
@@ -98,12 +99,15 @@ class ColumnParallelLinear(_ParallelLinear):
         return all_reduce(buf, self.group, "backward")[self.rank // self.rep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gather:
+            y = self._linear(copy_to_tp(x, self.group) if self.tp > 1 and not is_dry() else x, self.bias)
+            return gather_from_tp(y, self.group, self.rank, self.tp) if self.tp > 1 else y  # (..., out)
         if self.tp > 1 and not is_dry():
             x = copy_to_tp(x, self.group, _COPY_CACHE)
         return self._linear(x, self.bias)  # (..., out/tp)
 
     def extra_repr(self) -> str:
-        extra = f", rep={self.rep}" if self.rep > 1 else ""
+        extra = (f", rep={self.rep}" if self.rep > 1 else "") + (", gather" if self.gather else "")
         return f"in={self.in_features}, out_local={self.out_features}, tp={self.tp}, rank={self.rank}{extra}"
 
 
@@ -127,3 +131,52 @@ class RowParallelLinear(_ParallelLinear):
 
     def extra_repr(self) -> str:
         return f"in_local={self.in_features}, out={self.out_features}, tp={self.tp}, rank={self.rank}"
+
+
+class VocabShard:
+    """Shards an embedding module's table by rows, in place: the module keeps its class and forward.
+
+    Before the forward, ids outside this rank's rows ``[start, end)`` become row 0 of the local
+    table; after it, their outputs are zeroed and the ranks' outputs all-reduced (one per forward;
+    backward needs none: each rank's rows get exactly their tokens' gradient). The module's forward
+    may scale the lookup (``embed_scale``): the planner checked it computes nothing else.
+    """
+
+    def __init__(self, module: nn.Module, *, rank: int, tp: int, group, weight: nn.Parameter | None = None):
+        w = module.weight
+        rows = w.shape[0]
+        if rows % tp:
+            raise ValueError(f"{rows} rows are not divisible by tp={tp}")
+        self.start, self.end = rank * rows // tp, (rank + 1) * rows // tp
+        self.group, self.tp = group, tp
+        module.weight = weight if weight is not None else _param(shard_tensor(w.detach(), 0, rank, tp), w)
+        pad = getattr(module, "padding_idx", None)
+        if isinstance(pad, int):  # only the rank holding the padding row keeps it gradient-free
+            module.padding_idx = pad - self.start if self.start <= pad < self.end else None
+        if hasattr(module, "num_embeddings"):
+            module.num_embeddings = self.end - self.start
+        module._autotp_vocab = (self.start, self.end)
+        self._mask: list[torch.Tensor] = []
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+        module.register_forward_hook(self._after)
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            ids, rest = args[0], ("args", args[1:])
+        else:
+            keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            if len(keys) != 1:
+                raise TypeError(f"{type(module).__name__}: a vocabulary-sharded lookup takes one tensor of ids, "
+                                f"got keyword tensors {keys}")
+            ids, rest = kwargs[keys[0]], ("kw", keys[0])
+        keep = (ids >= self.start) & (ids < self.end)
+        self._mask.append(keep)
+        local = torch.where(keep, ids - self.start, torch.zeros_like(ids))
+        if rest[0] == "args":
+            return (local, *rest[1]), kwargs
+        return args, {**kwargs, rest[1]: local}
+
+    def _after(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        keep = self._mask.pop()
+        out = out * keep.unsqueeze(-1).to(out.dtype)
+        return reduce_from_tp(out, self.group) if self.tp > 1 and not is_dry() else out

@@ -15,15 +15,16 @@ from .errors import PlanFormatError, PlanMismatchError
 
 FORMAT = "autotp-plan 1"
 STYLES = {
-    "colwise": {"in", "out", "w", "seg", "rep"},  # output features sharded (seg: fused segments, each sharded;
-    # rep: fewer heads than ranks, each block of features held by rep ranks)
+    "colwise": {"in", "out", "w", "seg", "rep", "gather"},  # output features sharded (seg: fused segments, each
+    # sharded; rep: fewer heads than ranks, each block of features held by rep ranks; gather=1: output all-gathered)
     "rowwise": {"in", "out", "w"},  # input features sharded, one all-reduce after
-    "replicate": {"in", "out", "w"},  # every rank keeps the whole module
+    "replicate": {"in", "out", "w", "rows", "dim"},  # every rank keeps the whole module
+    "vocab": {"rows", "dim"},  # an embedding table sharded by rows: each rank looks up its ids, one all-reduce
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
 }
-_INT_KEYS = {"in", "out", "rep"}
+_INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather"}
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Plan:
     def to_text(self) -> str:
         lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
                  "# <module path or glob>  <style> [key=value ...]  # reason",
-                 "# styles: colwise (seg=fused segments) | rowwise | replicate | patch attr=N | localize | sum_grad p=..",
+                 "# styles: colwise (seg=fused segments, gather=1) | rowwise | vocab | replicate | patch attr=N | localize"
+                 " | sum_grad p=..",
                  *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
         if self.model:
             lines.append(f"model {self.model}")

@@ -19,27 +19,8 @@ import torch.fx as fx
 from .errors import ShardingError
 from .plan import Entry, Plan, glob_of
 from .rules import Need, NoRule, Rep, Shard, rule_for
+from .sites import Lookup, Site, find_lookups, find_sites, op_name
 from .trace import Captured
-
-aten = torch.ops.aten
-_TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
-_SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int,
-               aten._assert_tensor_metadata.default}
-
-
-@dataclass
-class Site:
-    """A node that multiplies an activation by a parameter (``linear``, ``addmm``, ``x @ W``)."""
-
-    node: fx.Node
-    x: fx.Node
-    weight: str
-    bias: str | None
-    in_out: bool  # weight stored [in, out] (Conv1D, x @ W) rather than [out, in]
-    module: str
-    in_features: int
-    out_features: int
-    blocker: str | None = None  # why this module cannot be swapped for a sharded layer
 
 
 @dataclass
@@ -51,87 +32,7 @@ class Analysis:
     sites: dict[fx.Node, Site]
     shape_consts: list[tuple[fx.Node, int, int, int]] = field(default_factory=list)  # node, dim, global, local
     groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
-
-
-def find_sites(c: Captured) -> dict[fx.Node, Site]:
-    sites: dict[fx.Node, Site] = {}
-    for n in c.graph.nodes:
-        s = _site(c, n)
-        if s is not None:
-            sites[n] = s
-    by_weight: dict[str, list[Site]] = {}
-    for s in sites.values():
-        by_weight.setdefault(s.weight, []).append(s)
-    for n in c.graph.nodes:  # every use of each weight, not only linear-like ones
-        name = c.param_name(n)
-        if name in by_weight:
-            uses = _uses(n)
-            if len(uses) > 1:
-                for s in by_weight[name]:
-                    s.blocker = f"its weight {name} is used by {len(uses)} ops (shared/tied or applied twice)"
-    for s in sites.values():
-        s.blocker = s.blocker or _purity(c, s)
-    return sites
-
-
-def _uses(p: fx.Node) -> list[fx.Node]:
-    out = []
-    for u in p.users:
-        out.extend(_uses(u) if u.target in _TRANSPOSES else [u])
-    return out
-
-
-def _site(c: Captured, n: fx.Node) -> Site | None:
-    if n.op != "call_function":
-        return None
-    a, bias, in_out = None, None, False
-    if n.target is aten.linear.default and c.param_name(n.args[1]):
-        x, w = n.args[0], n.args[1]
-        bias = n.args[2] if len(n.args) > 2 else None
-    elif n.target is aten.addmm.default and c.param_name(n.args[2]):
-        bias, x, w, in_out = n.args[0], n.args[1], n.args[2], True
-    elif n.target in (aten.matmul.default, aten.mm.default):
-        x, w = n.args[0], n.args[1]
-        if c.param_name(w):
-            in_out = True
-        elif isinstance(w, fx.Node) and w.target in _TRANSPOSES and c.param_name(w.args[0]):
-            w = w.args[0]
-        else:
-            return None
-        adds = [u for u in n.users if u.target is aten.add.Tensor and c.param_name(u.args[1])
-                and c.owner(u) == c.owner(n)]
-        bias = adds[0].args[1] if len(adds) == 1 else None
-    else:
-        return None
-    ws = c.shape(w)
-    if ws is None or len(ws) != 2:
-        return None
-    wname = c.param_name(w)
-    module, _, _ = wname.rpartition(".")
-    in_f, out_f = (ws[0], ws[1]) if in_out else (ws[1], ws[0])
-    return Site(n, x, wname, c.param_name(bias) if bias is not None else None, in_out, module, in_f, out_f)
-
-
-def _purity(c: Captured, s: Site) -> str | None:
-    """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops."""
-    if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
-        return f"its parameters are not named weight/bias ({s.weight})"
-    if c.owner(s.node) != s.module:
-        return f"its weight {s.weight} is used outside module '{s.module}'"
-    own = [n for n in c.graph.nodes if n.op == "call_function" and c.owner(n) == s.module]
-    extra = [n for n in own if n is not s.node and n.target not in _SHAPE_ONLY | _TRANSPOSES
-             and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
-    if extra:
-        return f"module '{s.module}' computes more than one linear ({_op(extra[0])})"
-    mine = {v for v in c.params.values() if v.rpartition(".")[0] == s.module}
-    if mine - {s.weight, s.bias}:
-        return f"module '{s.module}' has other parameters ({', '.join(sorted(mine - {s.weight, s.bias}))})"
-    return None
-
-
-def _op(n: fx.Node) -> str:
-    t = n.target
-    return f"aten.{t._overloadpacket.__name__}" if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+    lookups: list[Lookup] = field(default_factory=list)
 
 
 class _Grower:
@@ -214,7 +115,7 @@ class _Grower:
                 continue
             rule = rule_for(n.target)
             if rule is None:
-                raise _at(n, NoRule(f"no sharding rule for {_op(n)} (at {n.name}); the value must be replicated"))
+                raise _at(n, NoRule(f"no sharding rule for {op_name(n)} (at {n.name}); the value must be replicated"))
             try:
                 out = rule(self, n)
             except (NoRule, Need) as e:
@@ -229,7 +130,7 @@ class _Grower:
     def _closes(self, s: Site) -> bool:
         lay = self.layout(s.x)
         return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and lay.rep == 1 and s.blocker is None
-                and s.node not in self.roles and s.in_features % self.tp == 0)
+                and not s.tied and s.node not in self.roles and s.in_features % self.tp == 0)
 
 
 def _at(n: fx.Node, e: Exception) -> Exception:
@@ -244,10 +145,14 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
     (listing the tp values that work) instead of silently replicating.
     """
     sites = find_sites(c)
+    lookups = find_lookups(c, sites)
+    for lk in lookups:  # a tied head may shard its table only if every lookup of it can
+        if lk.tied is not None and (lk.blocker or lk.rows % tp):
+            lk.tied.blocker = lk.tied.blocker or f"its weight is the table of '{lk.module}', which stays replicated"
     roles: dict[fx.Node, str] = {}
     reasons: dict[fx.Node, str] = {}
     committed: dict[fx.Node, Any] = {}
-    analysis = Analysis(Plan(tp, ()), committed, sites)
+    analysis = Analysis(Plan(tp, ()), committed, sites, lookups=lookups)
     segments: dict[str, list[int]] = {}
     indivisible: list[tuple[list[Site], NoRule]] = []
     all_reps: dict[str, int] = {}
@@ -278,7 +183,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                     cols += more
                     continue
                 err = NoRule(f"{e.value.name} would have to be sharded on dim {e.layout.dim} for "
-                             f"{_op(e.node)}, and no column projection produces it")
+                             f"{op_name(e.node)}, and no column projection produces it")
                 err.node = e.node
             except Rep as e:
                 if e.root not in reps:
@@ -291,6 +196,10 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         if err is None and not rows:
             err = NoRule("no row projection closes the group")
             err.node = cols[0].node
+        if err is not None and _gathers(c, s, cols, sites, tp):
+            roles[s.node], reasons[s.node] = "gather", ("a widening head (vocabulary logits) feeding the model's "
+                                                        "output: its features sharded, all-gathered after it")
+            continue
         if err is not None:
             why = _describe(c, err)
             if err.sizes:
@@ -310,8 +219,10 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
     if strict and indivisible:
         raise _indivisible_error(indivisible, tp)
-    partial = _partial_grads(c, committed, {p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise")
-                                            for p in (s.weight, s.bias) if p})
+    vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
+    sharded = [p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise", "gather")
+               for p in (s.weight, s.bias) if p] + [lk.weight for lk in lookups if vocab[lk.node] is None]
+    partial = _partial_grads(c, committed, {a for p in sharded for a in c.aliases.get(p, (p,))})
     entries, seen = [], set()
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.module in seen:
@@ -320,6 +231,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         style = roles.get(s.node, "replicate")
         reason = reasons.get(s.node, "its input is already sharded" if tp > 1 else "tp=1")
         params = [("in", str(s.in_features)), ("out", str(s.out_features)), ("w", "in_out" if s.in_out else "out_in")]
+        if style == "gather":
+            style, params = "colwise", params + [("gather", "1")]
         seg = segments.get(s.node.name)
         if style == "colwise" and seg and len(seg) > 1:
             params.append(("seg", ",".join(map(str, seg))))
@@ -329,16 +242,60 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             params.append(("rep", str(r)))
             reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
         entries.append(Entry(s.module, style, tuple(params), reason))
+    for lk in lookups:
+        if lk.module not in seen and (lk.from_input or lk.tied):
+            seen.add(lk.module)
+            why = vocab[lk.node]
+            entries.append(Entry(lk.module, "vocab" if why is None else "replicate",
+                                 (("rows", str(lk.rows)), ("dim", str(lk.dim))),
+                                 why or "rows (vocabulary) sharded; each rank looks up its ids, one all-reduce"))
     for module, names in partial.items():
         entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
                              "scales sharded values: each rank's gradient is a partial sum, all-reduced in backward"))
     rows_n = sum(len(r) for _, r in analysis.groups)
-    summary = (f"{len(analysis.groups)} groups; all-reduces per forward: {rows_n}",)
+    n_vocab = sum(1 for lk in lookups if vocab[lk.node] is None)
+    n_gather = sum(1 for r in roles.values() if r == "gather")
+    summary = (f"{len(analysis.groups)} groups; all-reduces per forward: {rows_n + n_vocab}"
+               + (f" ({n_vocab} for vocabulary lookups)" if n_vocab else "")
+               + (f"; all-gathers: {n_gather}" if n_gather else ""),)
     if partial:
         n = sum(len(v) for v in partial.values())
         summary += (f"{n} replicated parameters get their gradients summed across ranks in backward",)
     analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
     return analysis
+
+
+def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
+    """A lone column projection that could not be closed, whose output flows to the model's output
+    without meeting another projection (an LM head): all-gather its output rather than replicate it,
+    when it widens (vocabulary-sized) and tp divides it."""
+    if cols != [s] or s.blocker is not None or s.out_features <= s.in_features or s.out_features % tp:
+        return False
+    stack, seen = list(s.node.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in sites:
+            return False
+        stack.extend(n.users)
+    return any(n.op == "output" for n in seen)
+
+
+def _vocab_reason(lk: Lookup, roles: dict, tp: int) -> str | None:
+    """None if the lookup's table is sharded by rows, else why it stays replicated."""
+    if tp == 1:
+        return "tp=1"
+    if lk.blocker:
+        return lk.blocker
+    if lk.tied is not None and roles.get(lk.tied.node) not in ("colwise", "gather"):
+        return f"its table is tied to '{lk.tied.module}', which is replicated"
+    if not lk.from_input and lk.tied is None:
+        return "its ids are computed (positions), not read from the model's inputs"
+    if lk.rows % tp:
+        return f"{lk.rows} rows are not divisible by tp={tp}"
+    return None
 
 
 def _partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, list[str]]:
@@ -405,7 +362,7 @@ def _describe(c: Captured, e: Exception) -> str:
         return text
     if n.op == "output":
         return "the model's output would be sharded"
-    where = f"{_op(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
+    where = f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
     text = re.sub(r"\s*\(at [\w.]+\)", "", text)
     text = re.sub(rf"(?<![\w.]){re.escape(n.name)} \([^)]*\)", where, text)
     return re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", where, text)

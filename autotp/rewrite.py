@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import collectives
 from .errors import PlanMismatchError, ShardingError
-from .layers import ColumnParallelLinear, RowParallelLinear
+from .layers import ColumnParallelLinear, RowParallelLinear, VocabShard
 from .plan import Entry, Plan
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,23 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
     for path, e in resolved.items():
         if e.style in ("colwise", "rowwise", "replicate") and e.get("w"):
             _check_shapes(path, modules[path], e, plan.tp)
+        if e.get("rows"):
+            _check_table(path, modules[path], e, plan.tp)
     return resolved
+
+
+def _check_table(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    w = getattr(mod, "weight", None)
+    want = [int(e.get("rows")), int(e.get("dim"))]
+    if not isinstance(w, nn.Parameter) or list(w.shape) != want:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' {e.style}): module '{path}' "
+                                f"({type(mod).__name__}) has no 'weight' table of shape {want} (found "
+                                f"{list(getattr(w, 'shape', [])) or None}). The plan was made for another model; "
+                                f"regenerate it with autotp.make_plan.")
+    if e.style == "vocab" and want[0] % tp:
+        ok = [t for t in range(1, want[0] + 1) if want[0] % t == 0]
+        raise ShardingError(f"module '{path}': {want[0]} rows are not divisible by tp={tp}; tp values that work: "
+                            f"{ok[:12]}; or make the line 'replicate'")
 
 
 def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
@@ -43,6 +59,9 @@ def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
         raise PlanMismatchError(f"module '{path}': bias shape {list(getattr(b, 'shape', []))} != [{o}]")
     seg = e.ints("seg") or [o]
     r = int(e.get("rep", "1"))
+    if e.get("gather") == "1" and (e.get("seg") or r > 1):
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): gather=1 cannot be combined with seg= or "
+                                f"rep=; drop one of them")
     if tp % r:
         raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
     if e.style == "colwise" and any(s % (tp // r) for s in seg):
@@ -58,17 +77,47 @@ def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
 def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: int, group: Any) -> list[str]:
     """Replace each colwise/rowwise module by its sharded layer (weights sliced, dense ones dropped)."""
     swapped = []
+    tied: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # dense parameter id -> (dense, its local slice)
+
+    def once(dense: nn.Parameter | None, local: nn.Parameter | None) -> nn.Parameter | None:
+        """A parameter shared by several modules (tied embeddings) is sliced once and stays shared."""
+        if dense is None:
+            return local
+        if id(dense) in tied:
+            return tied[id(dense)][1]
+        tied[id(dense)] = (dense, local)
+        return local
+
     for path, e in resolved.items():
+        mod = model.get_submodule(path)
+        if e.style == "vocab":
+            dense = mod.weight
+            VocabShard(mod, rank=rank, tp=tp, group=group, weight=tied.get(id(dense), (None, None))[1])
+            once(dense, mod.weight)
+            swapped.append(path)
+            continue
         cls = _LAYERS.get(e.style)
         if cls is None:
             continue
-        mod = model.get_submodule(path)
         kw = {"rep": int(e.get("rep"))} if e.get("rep") else {}
         layer = cls.from_dense(mod.weight, getattr(mod, "bias", None), in_out=e.get("w") == "in_out",
                                rank=rank, tp=tp, group=group, segments=e.ints("seg"), **kw)
+        layer.weight = once(mod.weight, layer.weight)
+        if e.style == "colwise":
+            layer.bias = once(getattr(mod, "bias", None), layer.bias)
+            layer.gather = e.get("gather") == "1"
         layer.train(mod.training)
         set_submodule(model, path, layer)
         swapped.append(path)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in tied and tied[id(p)][0] is p:  # another holder of a sliced parameter (HF's `shared`)
+            path, _, leaf = name.rpartition(".")
+            if path in resolved:
+                raise PlanMismatchError(f"parameter '{name}' is shared with a module the plan shards, but plan "
+                                        f"line {resolved[path].line or '?'} keeps '{path}' {resolved[path].style}: "
+                                        f"tied parameters must be sharded the same way everywhere. Fix: give every "
+                                        f"module holding it the same style (vocab / colwise), or replicate them all.")
+            setattr(model.get_submodule(path) if path else model, leaf, tied[id(p)][1])
     return swapped
 
 

@@ -164,6 +164,11 @@ def reshape(ctx: Ctx, node: fx.Node) -> Shard:
         if lay.spread != lay.dim + 1 or out_s[j] != in_s[lay.dim] * in_s[lay.spread]:
             raise NoRule(f"{node.name}: reshape {in_s} -> {out_s} does not merge repeated KV heads into heads")
         out = Shard(j)
+    elif _fused_view(ctx, lay, in_s, out_s, j):  # (..., 3*H*D) -> (..., 3, H, D): q|k|v as segments, heads sharded
+        ctx.segments(lay.root, [in_s[lay.dim] // out_s[j]] * out_s[j], node)
+        j += 1
+        _divisible(ctx, out_s[j], node, f"dim {j} of reshape {out_s}")
+        out = Shard(j)
     else:
         if out_s[j] % (ctx.tp // lay.rep) and lay.rep == 1 and lay.root and ctx.tp % out_s[j] == 0 \
                 and out_s[j] != in_s[lay.dim]:
@@ -173,6 +178,13 @@ def reshape(ctx: Ctx, node: fx.Node) -> Shard:
     if isinstance(sizes, (list, tuple)) and len(sizes) == len(out_s) and isinstance(sizes[j], int) and sizes[j] != -1:
         ctx.shape_const(node, j, sizes[j], out.local(out_s, ctx.tp)[j])
     return out
+
+
+def _fused_view(ctx: Ctx, lay: Shard, in_s, out_s, j: int) -> bool:
+    """A fused projection's output viewed with its pieces as a leading dim that tp does not divide."""
+    return (lay.root is not None and lay.rep == 1 and out_s[j] % ctx.tp != 0 and j + 2 < len(out_s)
+            and out_s[j] > 1 and out_s[j + 1] % ctx.tp == 0
+            and out_s[j] * out_s[j + 1] * out_s[j + 2] == in_s[lay.dim])  # (pieces, heads, head_dim)
 
 
 def flatten(ctx: Ctx, node: fx.Node) -> Shard:

@@ -63,6 +63,8 @@ class Captured:
     graph: fx.Graph
     params: dict[str, str]  # placeholder name -> parameter name
     buffers: dict[str, str]  # placeholder name -> buffer/constant name
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # parameter name -> every name of it
+    user_inputs: set[str] = field(default_factory=set)  # placeholders of the model's own inputs
     order: dict[fx.Node, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,13 @@ class Captured:
     def param_name(self, node: Any) -> str | None:
         if isinstance(node, fx.Node) and node.op == "placeholder":
             return self.params.get(node.name)
+        return None
+
+    def alias_in(self, name: str | None, module: str) -> str | None:
+        """The name under which ``module`` itself holds parameter ``name`` (tied weights have several)."""
+        for a in self.aliases.get(name, (name,)) if name else ():
+            if a.rpartition(".")[0] == module:
+                return a
         return None
 
     @staticmethod
@@ -142,7 +151,12 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     sig = ep.graph_signature
     consts = dict(sig.inputs_to_buffers)
     consts.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
-    return Captured(ep.graph, dict(sig.inputs_to_parameters), consts)
+    names: dict[int, list[str]] = {}
+    for k, p in meta.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(k)
+    aliases = {ns[0]: tuple(ns) for ns in names.values()}
+    aliases.update({k: tuple(ns) for ns in names.values() for k in ns})
+    return Captured(ep.graph, dict(sig.inputs_to_parameters), consts, aliases, set(sig.user_inputs))
 
 
 def _is_all_meta(model: nn.Module) -> bool:

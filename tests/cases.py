@@ -35,6 +35,9 @@ CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "trap_norm", "tra
 
 def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg) -> torch.Tensor:
     """The slice of a dense tensor this rank should hold for parameter ``name`` of ``mod``."""
+    if getattr(mod, "_autotp_vocab", None) and name == "weight":  # a table sharded by rows
+        a, b = mod._autotp_vocab
+        return dense_p[a:b]
     if isinstance(mod, ColumnParallelLinear):
         dim = (1 if mod.in_out else 0) if name == "weight" else 0
     elif isinstance(mod, RowParallelLinear) and name == "weight":
@@ -44,6 +47,19 @@ def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg)
     rep = getattr(mod, "rep", 1)  # fewer heads than ranks: rep ranks hold the same block
     ranges = shard_ranges(dense_p.shape[dim], rank // rep, tp // rep, seg)
     return torch.cat([dense_p.narrow(dim, a, b - a) for a, b in ranges], dim)
+
+
+def _holders(model) -> dict[int, tuple[str, str]]:
+    """Parameter id -> (module path, name) of the holder that says how it is sliced (tied tables have several)."""
+    out: dict[int, tuple[str, str]] = {}
+    mods = dict(model.named_modules())
+    for name, p in model.named_parameters(remove_duplicate=False):
+        path, _, leaf = name.rpartition(".")
+        m = mods[path]
+        if id(p) not in out or isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or \
+                getattr(m, "_autotp_vocab", None):
+            out[id(p)] = (path, leaf)
+    return out
 
 
 def parity(rank: int, world: int, names=CASES) -> dict:
@@ -70,13 +86,15 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
     collectives.reset_counts()
     y = run(model)
     fwd = collectives.COUNTS["all_reduce.forward"]
+    gathers = collectives.COUNTS["all_gather.forward"]
     y.float().pow(2).mean().backward()
     bwd = collectives.COUNTS["all_reduce.backward"]
     dense_params = dict(dense.named_parameters())
     gdiff, pdiff = 0.0, 0.0
     mods = dict(model.named_modules())
+    holder = _holders(model)
     for pname, p in model.named_parameters():
-        mpath, _, leaf = pname.rpartition(".")
+        mpath, leaf = holder[id(p)]
         ref = dense_params[pname]
         want_p = _local_slice(ref.detach(), mods[mpath], leaf, rank, world, seg_of.get(mpath))
         pdiff = max(pdiff, (p.detach() - want_p).abs().max().item())
@@ -85,9 +103,11 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
             gdiff = max(gdiff, (p.grad - want_g).abs().max().item())
     total = sum(p.numel() for p in dense.parameters())
     ideal = total  # replicated + shardable / tp (a block held by rep ranks counts rep / tp)
+    local_of = dict(model.named_parameters())
     for n, p in dense.named_parameters():
-        m = mods.get(n.rpartition(".")[0])
-        if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear) and n.endswith("weight")):
+        m = mods.get(holder[id(local_of[n])][0])
+        if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear) and n.endswith("weight")) or \
+                getattr(m, "_autotp_vocab", None) and n.endswith("weight"):
             ideal -= p.numel() - p.numel() * getattr(m, "rep", 1) // world
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output
@@ -98,6 +118,8 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
         param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=ideal,
         total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
         rows=sum(1 for m in model.modules() if isinstance(m, RowParallelLinear)),
+        vocab=sum(1 for m in model.modules() if getattr(m, "_autotp_vocab", None)), gathers=gathers,
+        heads=sum(1 for m in model.modules() if getattr(m, "gather", False) is True),
         shared_heads=sum(1 for m in model.modules() if getattr(m, "rep", 1) > 1),
         same_on_all=abs(allsame.item() / world - y.detach().double().sum().item()),
         classes=type(model).__name__)

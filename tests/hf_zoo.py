@@ -72,22 +72,25 @@ ARCHS = [
     "ernie4_5", "arcee", "seed_oss", "hunyuan_v1_dense", "biogpt", "gpt_neo", "apertus", "xglm",
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
     "bert", "roberta", "distilbert", "electra", "xlm-roberta", "albert", "deberta-v2", "mpnet", "camembert",
-    "megatron-bert",
+    "megatron-bert", "modernbert",
     "bart", "mbart", "pegasus", "marian", "m2m_100", "blenderbot", "t5",
 ]
 # tp=4 subset (4 heads: one head per rank; llama_gqa's 2 KV heads are each held by 2 ranks)
 ARCHS_TP4 = ["llama", "llama_gqa", "qwen3", "gpt2", "opt", "falcon", "gptj", "bert", "bart"]
-# sharded at the optimum: 2 all-reduces per block (3 per decoder block with cross-attention)
+# sharded at the optimum: 2 all-reduces per block (3 per decoder block with cross-attention), vocabulary sharded
 OPTIMAL = set(ARCHS) - {"bloom", "mpt", "xglm", "olmo2", "mixtral", "qwen3_moe", "olmoe", "albert", "deberta-v2",
                         "mpnet", "t5", "electra"}
 # tried and not yet covered (the coverage script reports why)
-GAPS = ["codegen", "modernbert", "falcon_new", "diffllama", "bitnet", "mt5"]
+GAPS = ["codegen", "falcon_new", "diffllama", "bitnet", "mt5"]
 
 
-def optimum(cfg) -> int:
-    """All-reduces per forward of a fully sharded model: 2 per block, 3 per cross-attention block."""
+def optimum(model) -> tuple[int, int]:
+    """Collectives per forward of a fully sharded model: all-reduces (2 per block, 3 per cross-attention
+    block, 1 per token-embedding lookup) and all-gathers (1 for an LM head's logits)."""
+    cfg = model.config
+    heads = int(model.get_output_embeddings() is not None)
     if getattr(cfg, "is_encoder_decoder", False):
         enc = getattr(cfg, "encoder_layers", None) or cfg.num_layers
         dec = getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_decoder_layers", None) or enc
-        return 2 * enc + 3 * dec
-    return 2 * cfg.get_text_config().num_hidden_layers
+        return 2 * enc + 3 * dec + 2, heads
+    return 2 * cfg.get_text_config().num_hidden_layers + 1, heads

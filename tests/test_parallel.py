@@ -14,6 +14,9 @@ EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2,
             "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0}
 
 
+LM = {"nanogpt", "llama_gqa", "llama_kv2"}  # token embedding + LM head: vocabulary-sharded
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
 def results(request):
     return request.param, run_ranks(parity, request.param, CASES, timeout=400)
@@ -35,9 +38,12 @@ def test_collectives_and_memory(results, name):
     tp, ranks = results
     for res in ranks:
         r = res[name]
-        assert r["fwd"] == EXPECTED[name] == r["rows"], (tp, name, r)
-        # + one gradient sum per layer whose KV heads are held by several ranks (llama_kv2 at tp=4)
-        assert r["bwd"] == EXPECTED[name] + r["shared_heads"], (tp, name, r)
+        # one all-reduce per group, + one per vocabulary-sharded lookup (token embedding); logits all-gathered
+        assert r["rows"] == EXPECTED[name] and r["fwd"] == EXPECTED[name] + r["vocab"], (tp, name, r)
+        assert r["vocab"] == r["gathers"] == r["heads"] == (1 if name in LM else 0), (tp, name, r)
+        # + one gradient sum per layer whose KV heads are held by several ranks (llama_kv2 at tp=4),
+        # + the input gradient of each all-gathered head
+        assert r["bwd"] == EXPECTED[name] + r["shared_heads"] + r["heads"], (tp, name, r)
         assert r["shared_heads"] == (4 if name == "llama_kv2" and tp == 4 else 0), (tp, name, r)
         assert r["local_params"] == r["ideal_params"], (tp, name, r)
         if EXPECTED[name]:

@@ -136,3 +136,56 @@ def test_not_a_plan_file(tmp_path):
 def make_plan_for(name, tp):
     model, x = build(name)
     return autotp.make_plan(model, tp, example_inputs=(x,))
+
+
+# ---------------------------------------------------------------- vocabulary: tied tables, edited plans
+
+
+def _tied_gpt_plan_text():
+    model, x = build("nanogpt")  # its token embedding and LM head share one table
+    return model, autotp.make_plan(model, 2, example_inputs=(x,)).to_text()
+
+
+def test_tied_table_is_sliced_once_and_stays_tied():
+    from autotp.rewrite import swap_layers
+
+    model, text = _tied_gpt_plan_text()
+    assert "transformer.wte              vocab rows=96 dim=32" in text and "gather=1" in text
+    dense = model.transformer.wte.weight.detach().clone()
+    swap_layers(model, resolve(model, Plan.from_text(text)), rank=1, tp=2, group=None)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one parameter
+    assert torch.equal(model.lm_head.weight, dense[48:])  # rank 1 holds rows 48..95
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in build("nanogpt")[0].parameters())
+
+
+def test_edit_that_unties_a_table_is_refused():
+    from autotp.rewrite import swap_layers
+
+    model, text = _tied_gpt_plan_text()
+    text = text.replace("transformer.wte              vocab", "transformer.wte              replicate")
+    with pytest.raises(autotp.PlanMismatchError, match="tied parameters must be sharded the same way"):
+        swap_layers(model, resolve(model, Plan.from_text(text)), rank=0, tp=2, group=None)
+
+
+def test_vocab_line_checked_against_the_table():
+    model, text = _tied_gpt_plan_text()
+    with pytest.raises(autotp.PlanMismatchError, match=r"no 'weight' table of shape \[100, 32\]"):
+        resolve(model, Plan.from_text(text.replace("vocab rows=96", "vocab rows=100")))
+    with pytest.raises(autotp.PlanMismatchError, match=r"no 'weight' table"):
+        resolve(model, Plan.from_text(text.replace("transformer.wte              vocab",
+                                                   "transformer.ln_f             vocab")))
+    with pytest.raises(autotp.ShardingError, match="96 rows are not divisible by tp=5"):
+        resolve(model, Plan.from_text("autotp-plan 1\ntp 5\ntransformer.wte  vocab rows=96 dim=32\n"))
+
+
+def test_hf_heads_not_divisible_lists_working_tp():
+    """Real HF modeling code: 6 heads (3 KV heads) at tp=4 is refused, naming the sizes and the tp that work."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=6,
+                                   num_key_value_heads=3, head_dim=16, vocab_size=240)
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(autotp.ShardingError) as e:
+        autotp.make_plan(model, 4)
+    msg = str(e.value)
+    assert "tp=4" in msg and "self_attn.q_proj" in msg and "of size 6" in msg and "[1, 3]" in msg, msg
+    assert "colwise" in autotp.make_plan(model, 3).to_text()  # tp=3 divides 6 heads and 3 KV heads

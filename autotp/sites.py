@@ -1,0 +1,198 @@
+"""Where parameters meet activations: linear-like sites and embedding lookups. Pure graph reading.
+
+A *site* multiplies an activation by a 2-D parameter (``linear``, GPT-2's ``addmm``, ``x @ W``);
+a *lookup* picks rows of a 2-D table by integer ids (``embedding``). A table tied to a linear
+(input embeddings shared with the LM head) is one parameter read by both; both must then slice
+it the same way: by rows (vocabulary).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .trace import Captured
+
+aten = torch.ops.aten
+TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int,
+              aten._assert_tensor_metadata.default}
+# ops that keep a partial sum partial, position by position: what may sit between a lookup and its module's output
+_PARTIAL_SAFE = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten._to_copy.default,
+                 aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default, aten.detach.default,
+                 aten.type_as.default, aten._assert_tensor_metadata.default}
+_ID_PATH = SHAPE_ONLY | {aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.clone.default,
+                         aten.contiguous.default, aten.unsqueeze.default, aten.flatten.using_ints}
+
+
+@dataclass
+class Site:
+    """A node that multiplies an activation by a parameter (``linear``, ``addmm``, ``x @ W``)."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: str
+    bias: str | None
+    in_out: bool  # weight stored [in, out] (Conv1D, x @ W) rather than [out, in]
+    module: str
+    in_features: int
+    out_features: int
+    blocker: str | None = None  # why this module cannot be swapped for a sharded layer
+    tied: bool = False  # its weight is also an embedding table: only output (row-of-W) sharding is consistent
+
+
+@dataclass
+class Lookup:
+    """``embedding(W, ids)``: rows of W picked by ids. ``from_input``: the ids are a model input (tokens)."""
+
+    node: fx.Node
+    weight: str
+    module: str
+    rows: int
+    dim: int
+    from_input: bool
+    blocker: str | None = None
+    tied: Site | None = None
+
+
+def find_sites(c: Captured) -> dict[fx.Node, Site]:
+    sites: dict[fx.Node, Site] = {}
+    for n in c.graph.nodes:
+        s = _site(c, n)
+        if s is not None:
+            sites[n] = s
+    lookups = {n for n in c.graph.nodes if n.target is aten.embedding.default}
+    by_weight: dict[str, list[Site]] = {}
+    for s in sites.values():
+        by_weight.setdefault(s.weight, []).append(s)
+    for n in c.graph.nodes:  # every use of each weight, not only linear-like ones
+        name = c.param_name(n)
+        if name in by_weight:
+            uses = _uses(n)
+            rest = [u for u in uses if u not in lookups or u.args[0] is not n]
+            if len(rest) == 1 and len(uses) > 1 and all(not s.in_out for s in by_weight[name]):
+                for s in by_weight[name]:
+                    s.tied = True  # an embedding table applied as a linear: shardable by its rows only
+            elif len(uses) > 1:
+                for s in by_weight[name]:
+                    s.blocker = f"its weight {name} is used by {len(uses)} ops (shared/tied or applied twice)"
+    for s in sites.values():
+        s.blocker = s.blocker or _purity(c, s)
+    return sites
+
+
+def find_lookups(c: Captured, sites: dict[fx.Node, Site]) -> list[Lookup]:
+    """Every embedding lookup of a parameter table, with why it could not be vocabulary-sharded."""
+    tied = {s.weight: s for s in sites.values() if s.tied}
+    out = []
+    for n in c.graph.nodes:
+        if n.target is not aten.embedding.default or not c.param_name(n.args[0]):
+            continue
+        w = c.param_name(n.args[0])
+        shape = c.shape(n.args[0])
+        if shape is None or len(shape) != 2:
+            continue
+        module = c.owner(n)
+        lk = Lookup(n, w, module, shape[0], shape[1], _from_input(c, n.args[1]), tied=tied.get(w))
+        lk.blocker = _lookup_purity(c, lk)
+        out.append(lk)
+    by_w: dict[str, list[Lookup]] = {}
+    for lk in out:
+        by_w.setdefault(lk.weight, []).append(lk)
+    for w, lks in by_w.items():
+        uses = [u for u in _uses(lks[0].node.args[0]) if u.target is not aten.embedding.default]
+        if len(uses) > (1 if w in tied else 0):
+            for lk in lks:
+                lk.blocker = lk.blocker or f"its table {w} is also used by {uses[0].name}"
+    return out
+
+
+def _from_input(c: Captured, ids: fx.Node) -> bool:
+    while isinstance(ids, fx.Node) and ids.op == "call_function" and ids.target in _ID_PATH:
+        ids = ids.args[0]
+    return isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name in c.user_inputs
+
+
+def _lookup_purity(c: Captured, lk: Lookup) -> str | None:
+    """The module's output must be the lookup, scaled at most: a per-rank partial sum reduced at its boundary."""
+    n = lk.node
+    if any(bool(a) for a in n.args[3:5]):
+        return "it scales gradients by frequency or has sparse gradients"
+    if not lk.module or c.alias_in(lk.weight, lk.module) != lk.module + ".weight":
+        return f"its table {lk.weight} is not the 'weight' of the module that looks it up ('{lk.module}')"
+    mine = {c.alias_in(v, lk.module) for v in c.params.values()} - {None, lk.module + ".weight"}
+    if mine:
+        return f"module '{lk.module}' has other parameters ({', '.join(sorted(mine))})"
+    stack, seen = [n], set()
+    while stack:
+        for u in stack.pop().users:
+            if u in seen or c.owner(u) != lk.module and not c.owner(u).startswith(lk.module + "."):
+                continue
+            seen.add(u)
+            if u.target not in _PARTIAL_SAFE or u.target in (aten.mul.Tensor, aten.div.Tensor) and \
+                    any(a in seen or a is n for a in u.args[1:2]) or c.shape(u) != c.shape(n):
+                return f"module '{lk.module}' computes more than a scaled lookup ({op_name(u)})"
+            stack.append(u)
+    return None
+
+
+def _uses(p: fx.Node) -> list[fx.Node]:
+    out = []
+    for u in p.users:
+        out.extend(_uses(u) if u.target in TRANSPOSES else [u])
+    return out
+
+
+def _site(c: Captured, n: fx.Node) -> Site | None:
+    if n.op != "call_function":
+        return None
+    a, bias, in_out = None, None, False
+    if n.target is aten.linear.default and c.param_name(n.args[1]):
+        x, w = n.args[0], n.args[1]
+        bias = n.args[2] if len(n.args) > 2 else None
+    elif n.target is aten.addmm.default and c.param_name(n.args[2]):
+        bias, x, w, in_out = n.args[0], n.args[1], n.args[2], True
+    elif n.target in (aten.matmul.default, aten.mm.default):
+        x, w = n.args[0], n.args[1]
+        if c.param_name(w):
+            in_out = True
+        elif isinstance(w, fx.Node) and w.target in TRANSPOSES and c.param_name(w.args[0]):
+            w = w.args[0]
+        else:
+            return None
+        adds = [u for u in n.users if u.target is aten.add.Tensor and c.param_name(u.args[1])
+                and c.owner(u) == c.owner(n)]
+        bias = adds[0].args[1] if len(adds) == 1 else None
+    else:
+        return None
+    ws = c.shape(w)
+    if ws is None or len(ws) != 2:
+        return None
+    wname = c.alias_in(c.param_name(w), c.owner(n)) or c.param_name(w)  # a tied weight: this module's name for it
+    bname = c.param_name(bias) if bias is not None else None
+    bname = (c.alias_in(bname, c.owner(n)) or bname) if bname else None
+    in_f, out_f = (ws[0], ws[1]) if in_out else (ws[1], ws[0])
+    return Site(n, x, wname, bname, in_out, wname.rpartition(".")[0], in_f, out_f)
+
+
+def _purity(c: Captured, s: Site) -> str | None:
+    """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops."""
+    if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
+        return f"its parameters are not named weight/bias ({s.weight})"
+    if c.owner(s.node) != s.module:
+        return f"its weight {s.weight} is used outside module '{s.module}'"
+    own = [n for n in c.graph.nodes if n.op == "call_function" and c.owner(n) == s.module]
+    extra = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES
+             and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
+    if extra:
+        return f"module '{s.module}' computes more than one linear ({op_name(extra[0])})"
+    mine = {c.alias_in(v, s.module) for v in c.params.values()} - {None}
+    if mine - {s.weight, s.bias}:
+        return f"module '{s.module}' has other parameters ({', '.join(sorted(mine - {s.weight, s.bias}))})"
+    return None
+
+
+def op_name(n: fx.Node) -> str:
+    t = n.target
+    return f"aten.{t._overloadpacket.__name__}" if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
