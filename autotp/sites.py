@@ -77,8 +77,12 @@ def find_sites(c: Captured) -> dict[fx.Node, Site]:
             elif len(uses) > 1:
                 for s in by_weight[name]:
                     s.blocker = f"its weight {name} is used by {len(uses)} ops (shared/tied or applied twice)"
+    owned: dict[str, list[fx.Node]] = {}  # module -> its ops, built once (checking each site by a scan is quadratic)
+    for n in c.graph.nodes:
+        if n.op == "call_function":
+            owned.setdefault(c.owner(n), []).append(n)
     for s in sites.values():
-        s.blocker = s.blocker or _purity(c, s)
+        s.blocker = s.blocker or _purity(c, s, owned.get(s.module, []))
     return sites
 
 
@@ -176,18 +180,17 @@ def _site(c: Captured, n: fx.Node) -> Site | None:
     return Site(n, x, wname, bname, in_out, wname.rpartition(".")[0], in_f, out_f)
 
 
-def _purity(c: Captured, s: Site) -> str | None:
+def _purity(c: Captured, s: Site, own: list[fx.Node]) -> str | None:
     """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops."""
     if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
         return f"its parameters are not named weight/bias ({s.weight})"
     if c.owner(s.node) != s.module:
         return f"its weight {s.weight} is used outside module '{s.module}'"
-    own = [n for n in c.graph.nodes if n.op == "call_function" and c.owner(n) == s.module]
     extra = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES
              and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
     if extra:
         return f"module '{s.module}' computes more than one linear ({op_name(extra[0])})"
-    mine = {c.alias_in(v, s.module) for v in c.params.values()} - {None}
+    mine = {a for v in c.params.values() for a in c.aliases.get(v, (v,)) if a.rpartition(".")[0] == s.module}
     if mine - {s.weight, s.bias}:
         return f"module '{s.module}' has other parameters ({', '.join(sorted(mine - {s.weight, s.bias}))})"
     return None
