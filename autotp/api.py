@@ -18,7 +18,7 @@ from .localize import install, trace_localized
 from .plan import Entry, Plan, glob_of, load_plan
 from .planner import Analysis, compress, plan_graph
 from .rewrite import apply_patches, resolve, sum_grads, swap_layers
-from .trace import Captured, capture, meta_copy, split_inputs, to_meta
+from .trace import Captured, capture, meta_copy
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
     another attribute (``heads * head_dim``). Candidates are added greedily while they reduce
     the shape mismatches of this module; the result must remove them all.
     """
-    tp = a.plan.tp
     lits: dict[int, int] = {}  # global size -> local size
     for n, _, g, loc in a.shape_consts:
         if glob_of(Captured.owner(n)) == pattern:

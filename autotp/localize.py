@@ -19,7 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import RewriteError
-from .rules import NoRule, map_reshape
+from .layouts import NoRule
+from .shape_rules import map_reshape
 
 _RESHAPES = {"view", "reshape", torch.reshape}
 _SPLITS = {"split", torch.split}

@@ -13,13 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from .errors import ShardingError
 from .plan import Entry, Plan, glob_of
-from .rules import Need, NoRule, Rep, Shard, rule_for
-from .sites import Lookup, Site, find_lookups, find_sites, op_name
+from .layouts import Need, NoRule, Rep, Shard
+from .rules import rule_for
+from .sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
 from .trace import Captured
 
 
@@ -222,7 +222,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
     vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
     sharded = [p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise", "gather")
                for p in (s.weight, s.bias) if p] + [lk.weight for lk in lookups if vocab[lk.node] is None]
-    partial = _partial_grads(c, committed, {a for p in sharded for a in c.aliases.get(p, (p,))})
+    partial = partial_grads(c, committed, {a for p in sharded for a in c.aliases.get(p, (p,))})
     entries, seen = [], set()
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.module in seen:
@@ -296,48 +296,6 @@ def _vocab_reason(lk: Lookup, roles: dict, tp: int) -> str | None:
     if lk.rows % tp:
         return f"{lk.rows} rows are not divisible by tp={tp}"
     return None
-
-
-def _partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, list[str]]:
-    """Replicated parameters that meet sharded values (a q/k norm's weight, an activation's slope).
-
-    Each rank back-propagates only its shard, so such a parameter's gradient is a partial sum:
-    it must be all-reduced. A parameter that is also used on replicated activations would get
-    a mix of full and partial terms that no single reduction fixes: that is refused.
-    """
-    def sharded(n: fx.Node) -> bool:
-        ins: list = []
-        fx.node.map_arg((n.args, n.kwargs), ins.append)
-        return layouts.get(n) is not None or any(layouts.get(a) is not None for a in ins)
-
-    out: dict[str, list[str]] = {}
-    for ph in c.graph.nodes:
-        name = c.param_name(ph)
-        if name is None or name in swapped:
-            continue
-        derived, stack, meets, plain = {ph}, [ph], [], []
-        while stack:
-            for u in stack.pop().users:
-                if u in derived or u.op == "output":
-                    continue
-                ins: list = []
-                fx.node.map_arg((u.args, u.kwargs), ins.append)
-                if sharded(u):
-                    meets.append(u)
-                elif all(a in derived or c.shape(a) is None or a.op == "get_attr"
-                         or a.op == "placeholder" and (c.param_name(a) or a.name in c.buffers) for a in ins):
-                    derived.add(u)  # a computation on parameters alone (w + 1, w.to(dtype))
-                    stack.append(u)
-                else:
-                    plain.append(u)
-        if meets and plain:
-            raise ShardingError(f"parameter {name} is used both on sharded values (at {meets[0].name}) and on "
-                                f"replicated ones (at {plain[0].name}); its gradient cannot be made exact. Fix: "
-                                f"edit the plan to replicate the layers around '{Captured.owner(meets[0])}'.")
-        if meets:
-            mod, _, leaf = name.rpartition(".")
-            out.setdefault(mod, []).append(leaf)
-    return out
 
 
 def _producers(c: Captured, sites: dict[fx.Node, Site], v: fx.Node) -> list[Site]:

@@ -3,7 +3,8 @@
 A *site* multiplies an activation by a 2-D parameter (``linear``, GPT-2's ``addmm``, ``x @ W``);
 a *lookup* picks rows of a 2-D table by integer ids (``embedding``). A table tied to a linear
 (input embeddings shared with the LM head) is one parameter read by both; both must then slice
-it the same way: by rows (vocabulary).
+it the same way: by rows (vocabulary). A replicated parameter applied to sharded values gets a
+partial gradient on each rank (``partial_grads``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .errors import ShardingError
 from .trace import Captured
 
 aten = torch.ops.aten
@@ -141,6 +143,48 @@ def _lookup_purity(c: Captured, lk: Lookup) -> str | None:
     return None
 
 
+def partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, list[str]]:
+    """Replicated parameters that meet sharded values (a q/k norm's weight, an activation's slope).
+
+    Each rank back-propagates only its shard, so such a parameter's gradient is a partial sum:
+    it must be all-reduced. A parameter that is also used on replicated activations would get
+    a mix of full and partial terms that no single reduction fixes: that is refused.
+    """
+    def sharded(n: fx.Node) -> bool:
+        ins: list = []
+        fx.node.map_arg((n.args, n.kwargs), ins.append)
+        return layouts.get(n) is not None or any(layouts.get(a) is not None for a in ins)
+
+    out: dict[str, list[str]] = {}
+    for ph in c.graph.nodes:
+        name = c.param_name(ph)
+        if name is None or name in swapped:
+            continue
+        derived, stack, meets, plain = {ph}, [ph], [], []
+        while stack:
+            for u in stack.pop().users:
+                if u in derived or u.op == "output":
+                    continue
+                ins: list = []
+                fx.node.map_arg((u.args, u.kwargs), ins.append)
+                if sharded(u):
+                    meets.append(u)
+                elif all(a in derived or c.shape(a) is None or a.op == "get_attr"
+                         or a.op == "placeholder" and (c.param_name(a) or a.name in c.buffers) for a in ins):
+                    derived.add(u)  # a computation on parameters alone (w + 1, w.to(dtype))
+                    stack.append(u)
+                else:
+                    plain.append(u)
+        if meets and plain:
+            raise ShardingError(f"parameter {name} is used both on sharded values (at {meets[0].name}) and on "
+                                f"replicated ones (at {plain[0].name}); its gradient cannot be made exact. Fix: "
+                                f"edit the plan to replicate the layers around '{Captured.owner(meets[0])}'.")
+        if meets:
+            mod, _, leaf = name.rpartition(".")
+            out.setdefault(mod, []).append(leaf)
+    return out
+
+
 def _uses(p: fx.Node) -> list[fx.Node]:
     out = []
     for u in p.users:
@@ -151,7 +195,7 @@ def _uses(p: fx.Node) -> list[fx.Node]:
 def _site(c: Captured, n: fx.Node) -> Site | None:
     if n.op != "call_function":
         return None
-    a, bias, in_out = None, None, False
+    bias, in_out = None, False
     if n.target is aten.linear.default and c.param_name(n.args[1]):
         x, w = n.args[0], n.args[1]
         bias = n.args[2] if len(n.args) > 2 else None

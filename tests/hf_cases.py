@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import autotp
+from autotp.parity import main_tensor
 from cases import measure
 from hf_zoo import build, optimum
 
@@ -27,13 +28,6 @@ def _inputs(model, batch: int, seq: int, seed: int) -> dict:
     if model.config.is_encoder_decoder:
         kw["decoder_input_ids"] = torch.randint(3, vocab, (batch, seq - 3), generator=g)
     return kw
-
-
-def _main_output(out) -> torch.Tensor:
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    return out[0]
 
 
 def coverage(rank: int, world: int, names: list[str]) -> dict:
@@ -67,7 +61,7 @@ def _one(rank: int, world: int, name: str) -> dict:
     plan = autotp.load_plan(path) if stored else fresh
     model = autotp.parallelize(model, world, plan=plan)
     kw = _inputs(model, batch=3, seq=11, seed=1)  # other shapes than the capture's (2 x 8)
-    r = measure(rank, world, model, dense, plan, lambda m: _main_output(m(**kw, use_cache=False)))
+    r = measure(rank, world, model, dense, plan, lambda m: main_tensor(m(**kw, use_cache=False)))
     if rank == 0:  # a missing plan file fails the test: write it with AUTOTP_REGEN=1
         r["plan_same"] = regen or stored and fresh.to_text() == path.read_text()
         r["plan_s"] = plan_s
