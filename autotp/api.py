@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +12,60 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from . import collectives
+from . import blocks, collectives
 from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
 from .hf import default_inputs
 from .localize import install, trace_localized
 from .plan import Entry, Plan, glob_of, load_plan
-from .planner import Analysis, compress, plan_graph
+from .planner import Analysis, compress, plan_graph, summarize
 from .rewrite import apply_patches, resolve, sum_grads, swap_layers
 from .trace import Captured, capture, meta_copy
 
 log = logging.getLogger(__name__)
 
 
-def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Plan:
+def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True,
+              reuse_blocks: bool = True) -> Plan:
     """Analyse ``model`` (no process group, no weights touched; meta models work) and return its Plan.
+
+    ``reuse_blocks``: plan repeated blocks once (see ``autotp.blocks``); the plan is the same as
+    planning every block, in a fraction of the time for deep models.
 
     >>> plan = make_plan(MyModel(cfg), 2, example_inputs=(torch.randint(0, 100, (2, 16)),))  # doctest: +SKIP
     >>> plan.save("my_model.tp2.plan")  # doctest: +SKIP
     """
+    cuts = blocks.find_cuts(model) if reuse_blocks else []
+    if cuts:
+        plan = _plan_cut(model, tp, cuts, example_inputs=example_inputs, strict=strict)
+        if plan is not None:
+            return plan
     return analyse(model, tp, example_inputs=example_inputs, strict=strict).plan
+
+
+def _plan_cut(model: nn.Module, tp: int, cuts: list[blocks.Cut], *, example_inputs: Any, strict: bool) -> Plan | None:
+    """Plan ``model`` cut to the block prefixes of ``cuts`` and extend the plan; None if that is not sound."""
+    with blocks.cut(model, cuts) as short:
+        try:
+            a = analyse(short, tp, example_inputs=example_inputs, strict=strict)
+        except CaptureError as e:
+            log.info("autotp: planning every block (the model cut to %s cannot be captured: %s)",
+                     [f"{c.path}[:{c.keep}]" for c in cuts], str(e)[:200])
+            return None
+    why = blocks.consistent(a.entries, cuts)
+    if why is not None:
+        log.info("autotp: planning every block (%s)", why)
+        return None
+    entries = blocks.extend(a.entries, cuts)
+
+    def weight(path: str) -> int:
+        return max([c.weight(i) for c in cuts if (i := c.block_of(path)) is not None] or [1])
+
+    groups = sum(weight(cols[0].module) for cols, _ in a.groups)
+    summary = summarize(groups, sum(1 for e in entries if e.style == "rowwise"),
+                        sum(1 for e in entries if e.style == "vocab"),
+                        sum(1 for e in entries if e.style == "colwise" and e.get("gather") == "1"),
+                        sum(len(e.get("p").split(",")) for e in entries if e.style == "sum_grad"))
+    return replace(a.plan, entries=tuple(compress(entries)), summary=summary)
 
 
 def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Analysis:
@@ -47,7 +83,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
             owners.append(o)
     if not owners or not verify(model, a, c, example_inputs):
         return a
-    entries = list(a.plan.entries)
+    entries = list(a.entries)
     for pattern in dict.fromkeys(glob_of(o) for o in owners):
         mine = [o for o in owners if glob_of(o) == pattern]
         patch = _find_patch(model, a, c, example_inputs, entries, pattern, mine)
@@ -56,6 +92,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
             continue
         entries += [Entry(o, "localize", (), "sizes along sharded dims are baked into its reshapes; "
                           "its forward is rewritten to local sizes") for o in mine]
+    a.entries = entries
     a.plan = a.plan.with_entries(compress(entries))
     again = verify(model, a, c, example_inputs)
     if again:
@@ -268,9 +305,23 @@ def _concrete_meta(x: Any) -> Any:
     return x
 
 
+def _check_given(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
+    """A plan passed in (edited, imported) is checked against the model's graph before any weight is
+    touched; a model that cannot be captured gets it unchecked (the documented way around capture)."""
+    from .validate import check_plan  # validate uses verify from this module
+
+    try:
+        check_plan(model, plan, example_inputs=example_inputs)
+    except CaptureError as e:
+        log.warning("autotp: applying the plan unchecked: %s", str(e).splitlines()[0][:300])
+
+
 def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | Path | None = None,
                 example_inputs: Any = None, group: Any = None) -> nn.Module:
     """Shard ``model`` in place over ``group`` (default: the world) and return it.
+
+    A ``plan`` passed in is checked first (``autotp.validate.check_plan``): one that would change
+    the model's numbers is refused with PlanMismatchError, naming each wrong line and the fix.
 
     >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
     >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
@@ -289,14 +340,18 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
                          f"(use tp={world}, or pass group=dist.new_group(ranks) with {tp} ranks)")
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
+    given = plan is not None
     if plan is None:
         plan = make_plan(model, tp, example_inputs=example_inputs)
     if plan.tp != tp:
         raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
                                 f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
+    if given and tp > 1:
+        _check_given(model, plan, example_inputs)
     rank = dist.get_rank(group)
     if tp > 1:
         _apply(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+    model._autotp_plan = plan  # what autotp.save_sharded writes beside the local weights
     if rank == 0:
         n = sum(1 for e in plan.entries if e.style in ("colwise", "rowwise"))
         log.info("autotp: %s parallelized at tp=%d (%d plan lines shard modules; %s)", type(model).__name__, tp, n,

@@ -1,10 +1,11 @@
-"""The command line: ``autotp plan|show|check|demo`` (also ``python -m autotp``).
+"""The command line: ``autotp plan|show|check|profile|demo`` (also ``python -m autotp``).
 
 Exit status: 0 on success, 1 when ``check`` finds a mismatch, 2 on an error (one message on stderr).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 from . import report, zoo
 from .api import make_plan
 from .errors import AutoTPError, PlanMismatchError
-from .plan import load_plan
+from .hf_plan import read_plan, to_hf_tp_plan
+from .plan import Plan, load_plan
 from .rewrite import resolve
+from .validate import check_plan
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,10 @@ MODEL is one of (local files only: nothing is downloaded):
 DEMO_SENTENCES = ["Tensor parallelism splits each layer across devices.",
                   "The cat sat on the mat.",
                   "A plan file says which layers are sharded and why."]
+
+
+PLAN_HELP = ("use this plan instead of a fresh one: an autotp .plan file, or a transformers tp_plan as .json "
+             "({\"module.path.*\": \"style\"}); checked against MODEL first")
 
 
 class CommandError(AutoTPError):
@@ -71,19 +78,35 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL")
     c.add_argument("--tp", type=_positive, required=True)
     c.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    c.add_argument("--format", choices=("plan", "hf"), default="plan", help="plan: autotp's plan file (default); "
+                   "hf: a transformers tp_plan as JSON, for DistributedConfig(tp_plan=...)")
+    c.add_argument("--plan", metavar="FILE", help=PLAN_HELP)
 
     c = command("show", cmd_show, "a plan as a table, with groups, collectives and per-rank parameters")
     c.add_argument("target", metavar="PLAN|MODEL", help="a plan file, or a MODEL to plan at --tp N")
     c.add_argument("--tp", type=_positive, help="needed with a MODEL")
     c.add_argument("--model", metavar="MODEL", help="with a PLAN file: resolve its globs against this model")
+    c.add_argument("--plan", metavar="FILE", help="with a MODEL: " + PLAN_HELP)
 
     c = command("check", cmd_check, "shard MODEL over N local gloo ranks and compare outputs and gradients with "
                                     "the unsharded model")
     c.add_argument("model", metavar="MODEL")
     c.add_argument("--tp", type=_positive, required=True)
-    c.add_argument("--plan", metavar="FILE", help="use this plan file instead of a fresh plan")
+    c.add_argument("--plan", metavar="FILE", help=PLAN_HELP)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--tol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    c.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are stopped")
+
+    c = command("profile", cmd_profile, "shard MODEL over N local gloo ranks and time each group's compute and "
+                                        "collectives (rank 0's table)")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--tp", type=_positive, required=True)
+    c.add_argument("--batch", type=_positive, help="rows of the inputs (default: MODEL's example inputs)")
+    c.add_argument("--seq", type=_positive, help="positions of the inputs (default: MODEL's example inputs)")
+    c.add_argument("--reps", type=_positive, default=10, help="timed calls, after --warmup ones (default 10)")
+    c.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
+    c.add_argument("--backward", action="store_true", help="time the backward too")
+    c.add_argument("--seed", type=int, default=0)
     c.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are stopped")
 
     c = command("demo", cmd_demo, "all-MiniLM-L6-v2 (real weights) sharded: embeddings, parameters, speed")
@@ -103,7 +126,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """``autotp plan MODEL --tp N [-o FILE]``."""
     loaded = zoo.load(args.model, meta=True)
     log.info("planning %s (%s) at tp=%d", args.model, type(loaded.model).__name__, args.tp)
-    text = make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs).to_text()
+    plan = _given_plan(args.plan, loaded, args.tp) if args.plan else \
+        make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs)
+    text = plan.to_text() if args.format == "plan" else \
+        json.dumps(to_hf_tp_plan(plan, loaded.model), indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
         log.info("wrote %s", args.output)
@@ -115,6 +141,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     """``autotp show PLAN [--model MODEL]`` or ``autotp show MODEL --tp N``."""
     if _is_plan_file(args.target):
+        if args.plan:
+            raise CommandError("show PLAN takes no --plan; show MODEL --tp N --plan FILE shows FILE against MODEL")
         plan = load_plan(args.target)
         if args.tp is not None and args.tp != plan.tp:
             raise PlanMismatchError(f"'{args.target}' is a plan for tp={plan.tp}, not --tp {args.tp}")
@@ -126,7 +154,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         if args.tp is None or args.model is not None:
             raise CommandError("show MODEL takes --tp N (and no --model); show PLAN takes an optional --model MODEL")
         loaded = zoo.load(args.target, meta=True)
-        plan = make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs)
+        plan = _given_plan(args.plan, loaded, args.tp) if args.plan else \
+            make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs)
     print(report.with_model(plan, loaded.model, resolve(loaded.model, plan)))
     return 0
 
@@ -165,11 +194,17 @@ def _spawn(what: str, fn, tp: int, *args, timeout: float) -> list:
 
 def _checked_plan(args: argparse.Namespace) -> str:
     """The --plan file's text, after checking it fits --tp and MODEL (before any rank is spawned)."""
-    plan = load_plan(args.plan)
-    if plan.tp != args.tp:
-        raise PlanMismatchError(f"'{args.plan}' is a plan for tp={plan.tp}, not --tp {args.tp}")
-    resolve(zoo.load(args.model, meta=True).model, plan)
-    return plan.to_text()
+    return _given_plan(args.plan, zoo.load(args.model, meta=True), args.tp).to_text()
+
+
+def _given_plan(path: str, loaded: zoo.Loaded, tp: int) -> Plan:
+    """A --plan file (autotp text, or a transformers tp_plan .json) for --tp, checked against MODEL."""
+    plan = read_plan(path, loaded.model, tp, example_inputs=loaded.example_inputs)  # a .json is checked on import
+    if plan.tp != tp:
+        raise PlanMismatchError(f"'{path}' is a plan for tp={plan.tp}, not --tp {tp}")
+    if not path.endswith(".json"):
+        check_plan(loaded.model, plan, example_inputs=loaded.example_inputs)
+    return plan
 
 
 def _verdict(ranks: list[dict], args: argparse.Namespace) -> int:
@@ -184,6 +219,23 @@ def _verdict(ranks: list[dict], args: argparse.Namespace) -> int:
     print(f"{'OK' if ok else 'MISMATCH'}: max |diff| out {out:.1e}, grad {grad:.1e} at tp={args.tp}"
           + ("" if ok else f" (tolerance {args.tol:g} x max(1, |value|))"))
     return 0 if ok else 1
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """``autotp profile MODEL --tp N``: rank 0's compute/communication split per group."""
+    from .profile import profile_rank
+
+    if args.warmup < 0:
+        raise CommandError(f"--warmup must be >= 0, got {args.warmup}")
+    what = f"profile of '{args.model}' at tp={args.tp}"
+    ranks = _spawn(what, profile_rank, args.tp, args.model, args.batch, args.seq, args.reps, args.warmup,
+                   args.backward, args.seed, timeout=args.timeout)
+    errors = [r["error"] for r in ranks if "error" in r]
+    if errors:
+        raise CommandError(f"{what}: {errors[0]}")
+    print(ranks[0]["profile"])
+    print(ranks[0]["profile"].summary())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,5 +274,7 @@ def _demo_text(r: dict, tp: int, wall: float) -> str:
               "forward wall time, median, the two models alternating on every rank (one CPU thread each):",
               *(f"  {rows:3d} sentences: sharded {t_sh * 1e3:6.1f} ms, unsharded {t_dn * 1e3:6.1f} ms, "
                 f"ratio {t_sh / t_dn:.2f}" for rows, t_dn, t_sh in r["times"]),
+              f"sharded forward of {r['times'][-1][0]} sentences, compute vs communication (autotp.profile):",
+              *(f"  {line}" for line in r["split"]),
               f"total wall time {wall:.0f} s"]
     return "\n".join(lines)

@@ -4,8 +4,11 @@
 ``reduce_from_tp`` (g): all-reduce forward, identity backward.
 ``gather_from_tp``: all-gather of the last dim forward, this rank's slice of the gradient backward.
 
-Every collective goes through :func:`all_reduce`, which counts calls so tests and the
-profiler can assert exactly how much communication a forward/backward costs.
+Every collective goes through :func:`all_reduce` or :func:`all_gather_last`, which count calls and
+bytes (``COUNTS``, in eager mode: not inside ``torch.compile``d code) so tests can assert exactly how
+much communication a forward/backward costs.
+Inside :func:`timed` (the profiler) each one is also timed and tallied under the label set by
+:func:`set_label`; outside it, a collective pays one flag check for this.
 """
 from __future__ import annotations
 
@@ -13,15 +16,29 @@ import contextlib
 import time
 import weakref
 from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 COUNTS: Counter = Counter()
-TIMES: Counter = Counter()
 _DRY = [False]
-_TIMING = [False]
+
+
+@dataclass
+class Tally:
+    """Collectives issued under one (label, phase): how many, their payload bytes, their wall time."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+Tallies = dict[tuple[str | None, str], Tally]
+_TALLY: list[Tallies | None] = [None]  # set inside timed()
+_LABEL: list[str | None] = [None]
 
 
 @contextlib.contextmanager
@@ -35,13 +52,23 @@ def dry_run():
 
 
 @contextlib.contextmanager
-def timed():
-    """Record wall time spent in collectives into ``TIMES`` (synchronous; for profiling)."""
-    old, _TIMING[0] = _TIMING[0], True
+def timed() -> Iterator[Tallies]:
+    """Time every collective (synchronously) into the yielded dict, keyed by ``(label, phase)``.
+
+    The label is whatever :func:`set_label` set last (None: no unit of the model claimed it).
+    """
+    tally: Tallies = {}
+    old, _TALLY[0] = _TALLY[0], tally
     try:
-        yield
+        yield tally
     finally:
-        _TIMING[0] = old
+        _TALLY[0] = old
+
+
+def set_label(label: str | None) -> str | None:
+    """Attribute the collectives timed from now on to ``label``; returns the previous label."""
+    old, _LABEL[0] = _LABEL[0], label
+    return old
 
 
 def is_dry() -> bool:
@@ -50,33 +77,53 @@ def is_dry() -> bool:
 
 def reset_counts() -> None:
     COUNTS.clear()
-    TIMES.clear()
+
+
+def _timed(op: Callable[..., torch.Tensor], x: torch.Tensor, *args, phase: str, nbytes: int) -> torch.Tensor:
+    """``op(x, *args)`` (a collective) run to completion and added to the current tally."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    out = op(x, *args)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    t = _TALLY[0].setdefault((_LABEL[0], phase), Tally())
+    t.calls, t.bytes, t.seconds = t.calls + 1, t.bytes + nbytes, t.seconds + time.perf_counter() - t0
+    return out
+
+
+def _reduce(x: torch.Tensor, group) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
 
 
 def all_reduce(x: torch.Tensor, group, phase: str) -> torch.Tensor:
     """Sum ``x`` over ``group``; ``phase`` ('forward'/'backward') is what gets counted."""
     if _DRY[0] or x.device.type == "meta":
         return x
-    COUNTS[f"all_reduce.{phase}"] += 1
-    COUNTS[f"bytes.{phase}"] += x.numel() * x.element_size()
-    t0 = time.perf_counter() if _TIMING[0] else 0.0
-    out = funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
-    if _TIMING[0]:
-        TIMES[phase] += time.perf_counter() - t0
-    return out
+    nbytes = x.numel() * x.element_size()
+    if not torch.compiler.is_compiling():  # a compiled graph keeps no Python side effects (dynamo would break it)
+        COUNTS[f"all_reduce.{phase}"] += 1
+        COUNTS[f"bytes.{phase}"] += nbytes
+    if _TALLY[0] is not None:
+        return _timed(_reduce, x, group, phase=phase, nbytes=nbytes)
+    return _reduce(x, group)
 
 
 def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
-    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order)."""
+    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order); counted bytes are the gathered size."""
     if _DRY[0] or x.device.type == "meta":  # shape checks: the gathered shape, no data
         return x.repeat(*([1] * (x.dim() - 1)), tp)
-    COUNTS["all_gather.forward"] += 1
-    COUNTS["bytes.forward"] += x.numel() * x.element_size() * tp
-    t0 = time.perf_counter() if _TIMING[0] else 0.0
-    out = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
-    if _TIMING[0]:
-        TIMES["forward"] += time.perf_counter() - t0
-    return out
+    nbytes = x.numel() * x.element_size() * tp
+    if not torch.compiler.is_compiling():
+        COUNTS["all_gather.forward"] += 1
+        COUNTS["bytes.forward"] += nbytes
+    if _TALLY[0] is not None:
+        return _timed(_gather, x, group, phase="forward", nbytes=nbytes)
+    return _gather(x, group)
 
 
 class _GatherFromTP(torch.autograd.Function):

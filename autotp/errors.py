@@ -27,3 +27,11 @@ class GroupError(AutoTPError):
 
 class RewriteError(AutoTPError):
     """The rewritten model does not agree with the plan (a planner or rewrite bug)."""
+
+
+class CheckpointError(AutoTPError):
+    """A checkpoint is missing, not safetensors, or does not match the model or the plan."""
+
+
+class RankError(AutoTPError):
+    """Another rank failed, exited or timed out while the ranks worked together (loading, saving)."""

@@ -180,3 +180,71 @@ class VocabShard:
         keep = self._mask.pop()
         out = out * keep.unsqueeze(-1).to(out.dtype)
         return reduce_from_tp(out, self.group) if self.tp > 1 and not is_dry() else out
+
+
+class _CopyManyToTP(torch.autograd.Function):
+    """f for several tensors at once: identity forward; backward, one all-reduce of all their gradients."""
+
+    @staticmethod
+    def forward(ctx, group, *xs):
+        ctx.group = group
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        live = [g for g in grads if g is not None]
+        if not live:
+            return (None, *grads)
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in live]), ctx.group, "backward")
+        out, off = [], 0
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            out.append(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        return (None, *out)
+
+
+class ExpertsShard:
+    """Shards an experts module's 3-D weights in place; the module keeps its class and forward.
+
+    ``col`` weights (``[experts, out, in]``, or ``[experts, in, out]`` for ``w=in_out``) keep this
+    rank's slice of every expert's outputs (per fused segment), ``row`` weights the matching slice
+    of their inputs, so the module's output is a partial sum: it is all-reduced after the forward
+    (g). Its floating inputs pass through one f (their gradients are partial on each rank; the
+    planner checked that), so backward costs one all-reduce too.
+    """
+
+    def __init__(self, module: nn.Module, *, col: list[str], row: list[str], in_out: bool,
+                 segments: Sequence[int] | None, rank: int, tp: int, group):
+        out_dim, in_dim = (2, 1) if in_out else (1, 2)
+        sliced = {}  # parameter name -> (dim, segments): how this rank's slice was cut
+        for names, dim, seg in ((col, out_dim, segments), (row, in_dim, None)):
+            for name in names:
+                w = getattr(module, name)
+                setattr(module, name, _param(shard_tensor(w.detach(), dim, rank, tp, seg), w))
+                sliced[name] = (dim, list(seg) if seg else None)
+        self.group, self.tp = group, tp
+        module._autotp_experts = sliced
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+        module.register_forward_hook(self._after)
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.tp == 1 or is_dry():
+            return None
+        flat = list(args) + list(kwargs.values())
+        idx = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not idx:
+            return None
+        for i, y in zip(idx, _CopyManyToTP.apply(self.group, *[flat[i] for i in idx])):
+            flat[i] = y
+        return tuple(flat[:len(args)]), dict(zip(kwargs, flat[len(args):]))
+
+    def _after(self, module: nn.Module, args: tuple, out):
+        if self.tp == 1 or is_dry():
+            return out
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{type(module).__name__}: an experts module sharded in place must return one tensor "
+                            f"(its output is all-reduced), got {type(out).__name__}")
+        return reduce_from_tp(out, self.group)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,9 @@ from .errors import AutoTPError, CaptureError
 from .layers import shard_ranges
 from .plan import Entry, Plan
 from .rewrite import resolve
+
+if TYPE_CHECKING:
+    from .profile import Profile
 
 
 def call(model: nn.Module, inputs: Any) -> Any:
@@ -41,8 +44,10 @@ def main_tensor(out: Any) -> torch.Tensor:
     raise CaptureError(f"the model returned {type(out).__name__} with no floating-point tensor to compare")
 
 
-def local_part(dense: torch.Tensor, shape: torch.Size, e: Entry | None, rank: int, tp: int) -> torch.Tensor | None:
-    """The part of ``dense`` a rank holding a tensor of ``shape`` should have; None if none fits."""
+def local_part(dense: torch.Tensor, shape: torch.Size, e: Entry | None, rank: int, tp: int,
+               leaf: str = "") -> torch.Tensor | None:
+    """The part of ``dense`` (parameter ``leaf`` of the module of line ``e``) a rank holding a tensor of
+    ``shape`` should have; None if none fits."""
     if dense.shape == shape:
         return dense
     dims = [d for d in range(dense.dim()) if dense.shape[d] != shape[d]] if dense.dim() == len(shape) else []
@@ -51,8 +56,9 @@ def local_part(dense: torch.Tensor, shape: torch.Size, e: Entry | None, rank: in
     d = dims[0]
     col = e is not None and e.style == "colwise"
     rep = int(e.get("rep", "1")) if col else 1
+    fused = col or e is not None and e.style == "experts" and leaf in (e.get("col") or "").split(",")
     try:
-        ranges = shard_ranges(dense.shape[d], rank // rep, tp // rep, e.ints("seg") if col else None)
+        ranges = shard_ranges(dense.shape[d], rank // rep, tp // rep, e.ints("seg") if fused else None)
     except ValueError:
         return None
     part = torch.cat([dense.narrow(d, a, b - a) for a, b in ranges], d)
@@ -100,7 +106,8 @@ def _grad_diff(model: nn.Module, dense: nn.Module, lines: dict[str, Entry], rank
             continue
         if p.grad is None:
             continue
-        want = local_part(r.grad, p.grad.shape, lines.get(name.rpartition(".")[0]), rank, tp)
+        path, _, leaf = name.rpartition(".")
+        want = local_part(r.grad, p.grad.shape, lines.get(path), rank, tp, leaf)
         if want is None:
             problems.append(f"parameter {name}: local shape {list(p.shape)} is no slice of {list(r.shape)}")
             continue
@@ -118,7 +125,9 @@ def _params(model: nn.Module, dense: nn.Module) -> str:
 
 def demo_rank(rank: int, world: int, model_dir: str, sentences: list[str], reps: int, batch: int) -> dict:
     """One rank of ``autotp demo``: sentence embeddings (mean pooling) of both models, and their forward
-    times on ``sentences`` and on ``batch`` rows of them repeated."""
+    times on ``sentences`` and on ``batch`` rows of them repeated, and the sharded forward's profile."""
+    from .profile import profile  # it imports this module
+
     tok = zoo.transformers_module().AutoTokenizer.from_pretrained(model_dir)
     model = zoo.load(model_dir, weights=True).model
     dense = copy.deepcopy(model)
@@ -130,8 +139,21 @@ def demo_rank(rank: int, world: int, model_dir: str, sentences: list[str], reps:
     with torch.no_grad():
         emb = {key: _embed(m, small) for key, m in (("dense", dense), ("sharded", model))}
         times = [_side_by_side(dense, model, b, reps) for b in (small, large)]
+    split = _split(profile(model, large, reps=reps, warmup=1))
     return dict(table=table, dense=emb["dense"].tolist(), sharded=emb["sharded"].tolist(),  # tensors would not
-                params=_params(model, dense), times=times)  # outlive this process in the queue
+                params=_params(model, dense), times=times, split=split)  # outlive this process in the queue
+
+
+def _split(prof: Profile) -> list[str]:
+    """Two lines: the sharded forward's compute/communication split, and its range over the groups."""
+    groups = prof.forward.groups
+    lines = [prof.summary()]
+    if groups:
+        lines.append(f"  {len(groups)} groups, each {min(g.compute_s for g in groups) * 1e3:.2f}-"
+                     f"{max(g.compute_s for g in groups) * 1e3:.2f} ms compute and "
+                     f"{min(g.comm_s for g in groups) * 1e3:.2f}-{max(g.comm_s for g in groups) * 1e3:.2f} ms "
+                     f"in its all-reduce")
+    return lines
 
 
 def _embed(model: nn.Module, batch: dict) -> torch.Tensor:

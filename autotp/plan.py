@@ -23,8 +23,10 @@ STYLES = {
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
+    "experts": {"n", "col", "row", "w", "seg"},  # n experts' 3-D weights sliced in place: col=names by outputs
+    # (seg: fused segments), row=names by inputs; f at the module's inputs, one all-reduce of its output
 }
-_INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather"}
+_INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather", "n"}
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ class Plan:
     def to_text(self) -> str:
         lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
                  "# <module path or glob>  <style> [key=value ...]  # reason",
-                 "# styles: colwise (seg=fused segments, gather=1) | rowwise | vocab | replicate | patch attr=N | localize"
-                 " | sum_grad p=..",
+                 "# styles: colwise (seg=fused segments, gather=1) | rowwise | vocab | experts | replicate | patch attr=N"
+                 " | localize | sum_grad p=..",
                  *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
         if self.model:
             lines.append(f"model {self.model}")
@@ -117,7 +119,7 @@ class Plan:
             rx = glob_regex(e.path)
             hits = [m for m in names if rx.fullmatch(m)]
             if not hits:
-                near = _closest(e.path, names)
+                near = _closest(e.path, sorted({glob_of(m) for m in names}) if "*" in e.path else names)
                 raise PlanMismatchError(
                     f"plan line {e.line or '?'}: '{e.path}' matches no module of {model_name}"
                     + (f" (closest: '{near}')" if near else "")
@@ -150,7 +152,9 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
         raise PlanFormatError(f"{where}: expected '<module path> <style> [key=value ...]'")
     path, style = words[0], words[1]
     if style not in STYLES:
-        raise PlanFormatError(f"{where}: unknown style '{style}'; use one of {', '.join(sorted(STYLES))}")
+        near = _closest(style, list(STYLES))
+        raise PlanFormatError(f"{where}: unknown style '{style}'" + (f" (did you mean '{near}'?)" if near else "")
+                              + f"; use one of {', '.join(sorted(STYLES))}")
     if not re.fullmatch(r"[A-Za-z0-9_*]+(\.[A-Za-z0-9_*]+)*", path):
         raise PlanFormatError(f"{where}: '{path}' is not a module path (dot-separated names, '*' for one part)")
     params = []
@@ -163,7 +167,9 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
             raise PlanFormatError(f"{where}: patch takes attribute=integer pairs, got '{kv}'")
         if not eq or k not in STYLES[style]:
             allowed = ", ".join(sorted(STYLES[style])) or "none"
-            raise PlanFormatError(f"{where}: bad parameter '{kv}' for {style}; allowed keys: {allowed}")
+            near = _closest(k, sorted(STYLES[style]))
+            raise PlanFormatError(f"{where}: bad parameter '{kv}' for {style}"
+                                  + (f" (did you mean '{near}={v}'?)" if near else "") + f"; allowed keys: {allowed}")
         if k in _INT_KEYS and not v.isdigit():
             raise PlanFormatError(f"{where}: {k}={v} must be a whole number")
         if k == "w" and v not in ("out_in", "in_out"):

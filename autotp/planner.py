@@ -19,7 +19,7 @@ from .errors import ShardingError
 from .plan import Entry, Plan, glob_of
 from .layouts import Need, NoRule, Rep, Shard
 from .rules import rule_for
-from .sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
+from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
 from .trace import Captured
 
 
@@ -33,6 +33,7 @@ class Analysis:
     shape_consts: list[tuple[fx.Node, int, int, int]] = field(default_factory=list)  # node, dim, global, local
     groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
 
 
 class _Grower:
@@ -125,7 +126,22 @@ class _Grower:
                 for u in n.users:
                     heapq.heappush(heap, (order[u], u))
         self._settle_segments()
+        if any(x.experts for x in cols + rows):
+            self._check_experts(cols, rows)
         return rows
+
+    def _check_experts(self, cols: list[Site], rows: list[Site]) -> None:
+        """An experts module is sharded in place: its group must live inside it and end at its output."""
+        mod = cols[0].module
+        if len(rows) != 1 or any(x.module != mod or not x.experts for x in cols + rows):
+            raise _at(cols[0].node, NoRule(f"the group of experts module '{mod}' mixes it with other layers"))
+        leaks = [n for n, lay in self.tent.items() if lay is not None and self.c.owner(n) != mod
+                 and not self.c.owner(n).startswith(mod + ".")]
+        if leaks:
+            raise _at(leaks[0], NoRule(f"a sharded value leaves experts module '{mod}' before its down projection"))
+        why = experts_boundary(self.c, cols, rows[0])
+        if why is not None:
+            raise _at(rows[0].node, NoRule(why))
 
     def _closes(self, s: Site) -> bool:
         lay = self.layout(s.x)
@@ -182,7 +198,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                 if more:
                     cols += more
                     continue
-                err = NoRule(f"{e.value.name} would have to be sharded on dim {e.layout.dim} for "
+                err = NoRule(f"{_where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
                              f"{op_name(e.node)}, and no column projection produces it")
                 err.node = e.node
             except Rep as e:
@@ -228,6 +244,9 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         if s.module in seen:
             continue
         seen.add(s.module)
+        if s.experts:
+            entries.append(_experts_entry(s, sites, roles, reasons, segments, tp))
+            continue
         style = roles.get(s.node, "replicate")
         reason = reasons.get(s.node, "its input is already sharded" if tp > 1 else "tp=1")
         params = [("in", str(s.in_features)), ("out", str(s.out_features)), ("w", "in_out" if s.in_out else "out_in")]
@@ -252,24 +271,50 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
     for module, names in partial.items():
         entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
                              "scales sharded values: each rank's gradient is a partial sum, all-reduced in backward"))
-    rows_n = sum(len(r) for _, r in analysis.groups)
-    n_vocab = sum(1 for lk in lookups if vocab[lk.node] is None)
     n_gather = sum(1 for r in roles.values() if r == "gather")
-    summary = (f"{len(analysis.groups)} groups; all-reduces per forward: {rows_n + n_vocab}"
-               + (f" ({n_vocab} for vocabulary lookups)" if n_vocab else "")
-               + (f"; all-gathers: {n_gather}" if n_gather else ""),)
-    if partial:
-        n = sum(len(v) for v in partial.values())
-        summary += (f"{n} replicated parameters get their gradients summed across ranks in backward",)
+    summary = summarize(len(analysis.groups), sum(len(r) for _, r in analysis.groups),
+                        sum(1 for lk in lookups if vocab[lk.node] is None), n_gather,
+                        sum(len(v) for v in partial.values()))
+    analysis.entries = entries
     analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
     return analysis
+
+
+def _experts_entry(s: Site, sites: dict, roles: dict, reasons: dict, segments: dict, tp: int) -> Entry:
+    """One line for an experts module: its grouped weights sliced in place (col: outputs, row: inputs)."""
+    mine = [x for x in sorted(sites.values(), key=lambda x: x.node.name) if x.module == s.module]
+    cols = [x for x in mine if roles.get(x.node) == "colwise"]
+    rows = [x for x in mine if roles.get(x.node) == "rowwise"]
+    if not cols or not rows:
+        why = next((reasons[x.node] for x in mine if x.node in reasons), "its input is already sharded"
+                   if tp > 1 else "tp=1")
+        return Entry(s.module, "replicate", (), why)
+    leaf = lambda x: x.weight.rpartition(".")[2]  # noqa: E731
+    params = [("n", str(s.experts)), ("col", ",".join(map(leaf, cols))), ("row", ",".join(map(leaf, rows))),
+              ("w", "in_out" if s.in_out else "out_in")]
+    seg = segments.get(cols[0].node.name)
+    if len(cols) == 1 and seg and len(seg) > 1:
+        params.append(("seg", ",".join(map(str, seg))))
+    return Entry(s.module, "experts", tuple(params),
+                 f"{s.experts} experts, each one's hidden features sharded in place; inputs get f, "
+                 f"the output one all-reduce")
+
+
+def summarize(groups: int, rows: int, vocab: int, gathers: int, partial: int) -> tuple[str, ...]:
+    """The plan's summary comment: groups and collectives per forward."""
+    out = (f"{groups} groups; all-reduces per forward: {rows + vocab}"
+           + (f" ({vocab} for vocabulary lookups)" if vocab else "")
+           + (f"; all-gathers: {gathers}" if gathers else ""),)
+    if partial:
+        out += (f"{partial} replicated parameters get their gradients summed across ranks in backward",)
+    return out
 
 
 def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
     """A lone column projection that could not be closed, whose output flows to the model's output
     without meeting another projection (an LM head): all-gather its output rather than replicate it,
     when it widens (vocabulary-sized) and tp divides it."""
-    if cols != [s] or s.blocker is not None or s.out_features <= s.in_features or s.out_features % tp:
+    if cols != [s] or s.blocker is not None or s.experts or s.out_features <= s.in_features or s.out_features % tp:
         return False
     stack, seen = list(s.node.users), set()
     while stack:
@@ -320,10 +365,17 @@ def _describe(c: Captured, e: Exception) -> str:
         return text
     if n.op == "output":
         return "the model's output would be sharded"
-    where = f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
-    text = re.sub(r"\s*\(at [\w.]+\)", "", text)
-    text = re.sub(rf"(?<![\w.]){re.escape(n.name)} \([^)]*\)", where, text)
-    return re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", where, text)
+    where = _where(c, n)
+    text = re.sub(r"\s*\(at [\w.]+\)", "", text).replace(f"{n.name} ({n.target})", where)
+    text = re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", where, text, count=1)
+    return text if where in text else f"{where}: {text}"
+
+
+def _where(c: Captured, n: fx.Node) -> str:
+    """A node as a reader sees it: its op and the module (glob) it runs in, not its graph-local name."""
+    if n.op == "placeholder":
+        return f"input '{n.target}'"
+    return f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
 
 
 def _common(paths: list[str]) -> str:

@@ -20,7 +20,7 @@ _GROUP = re.compile(r"group ([^\s:;]+)")
 
 def communication(e: Entry) -> str:
     """What a plan line costs in collectives."""
-    if e.style in ("rowwise", "vocab"):
+    if e.style in ("rowwise", "vocab", "experts"):
         return "all-reduce"
     if e.style == "colwise" and e.get("gather") == "1":
         return "all-gather"
@@ -31,6 +31,8 @@ def communication(e: Entry) -> str:
 
 def local_numel(e: Entry | None, leaf: str, numel: int, tp: int) -> int:
     """Elements of a parameter (``leaf`` of the module planned by ``e``) that one rank holds."""
+    if e is not None and e.style == "experts":
+        return numel // tp if leaf in f"{e.get('col')},{e.get('row')}".split(",") else numel
     if e is None or leaf not in SHARDED.get(e.style, ()):
         return numel
     return numel * int(e.get("rep", "1")) // tp
@@ -56,6 +58,8 @@ def group_of(e: Entry, path: str) -> str | None:
     ``G`` is a glob of a module holding ``path``; the instance is ``path``'s prefix it matches. A
     rowwise line whose reason names no group (written by hand) is a group of its own.
     """
+    if e.style == "experts":
+        return path
     if e.style not in ("colwise", "rowwise"):
         return None
     m = _GROUP.search(e.reason)
@@ -119,8 +123,8 @@ def plan_only(plan: Plan, width: int | None = None) -> str:
 
 def _parts(styles: Counter) -> str:
     """Where the all-reduces come from, e.g. `` (4 after rowwise layers, 1 after vocabulary lookups)``."""
-    parts = [f"{styles[s]} after {what}" for s, what in (("rowwise", "rowwise layers"), ("vocab", "vocabulary lookups"))
-             if styles[s]]
+    whats = (("rowwise", "rowwise layers"), ("vocab", "vocabulary lookups"), ("experts", "experts modules"))
+    parts = [f"{styles[s]} after {what}" for s, what in whats if styles[s]]
     return f" ({', '.join(parts)})" if parts else ""
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import collectives
 from .errors import PlanMismatchError, ShardingError
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabShard
+from .layers import ColumnParallelLinear, ExpertsShard, RowParallelLinear, VocabShard
 from .plan import Entry, Plan
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,26 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
             _check_shapes(path, modules[path], e, plan.tp)
         if e.get("rows"):
             _check_table(path, modules[path], e, plan.tp)
+        if e.style == "experts":
+            _check_experts(path, modules[path], e, plan.tp)
     return resolved
+
+
+def _check_experts(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    """Every named weight is a 3-D [n, ., .] parameter and tp divides what is sliced (per segment)."""
+    n, in_out, seg = int(e.get("n") or 0), e.get("w") == "in_out", e.ints("seg")
+    for key, dim in (("col", 2 if in_out else 1), ("row", 1 if in_out else 2)):
+        for name in (e.get(key) or "").split(","):
+            w = getattr(mod, name, None) if name else None
+            if not isinstance(w, nn.Parameter) or w.dim() != 3 or w.shape[0] != n:
+                raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' experts): module '{path}' "
+                                        f"({type(mod).__name__}) has no 3-D parameter '{name}' with {n} experts "
+                                        f"(found {list(getattr(w, 'shape', [])) or None}). Regenerate the plan "
+                                        f"with autotp.make_plan for this model.")
+            sizes = seg if key == "col" and seg else [w.shape[dim]]
+            if sum(sizes) != w.shape[dim] or any(s % tp for s in sizes):
+                raise ShardingError(f"module '{path}': {name} dim {dim} of size {w.shape[dim]} (segments {sizes}) "
+                                    f"is not divisible by tp={tp}; or make the line 'replicate'")
 
 
 def _check_table(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
@@ -90,6 +109,11 @@ def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: 
 
     for path, e in resolved.items():
         mod = model.get_submodule(path)
+        if e.style == "experts":
+            ExpertsShard(mod, col=e.get("col").split(","), row=e.get("row").split(","), in_out=e.get("w") == "in_out",
+                         segments=e.ints("seg"), rank=rank, tp=tp, group=group)
+            swapped.append(path)
+            continue
         if e.style == "vocab":
             dense = mod.weight
             VocabShard(mod, rank=rank, tp=tp, group=group, weight=tied.get(id(dense), (None, None))[1])

@@ -35,9 +35,9 @@ def map_reshape(in_s: tuple[int, ...], out_s: tuple[int, ...], d: int) -> int:
         if i0 <= d < i:
             first_in = next(k for k in range(i0, i) if in_s[k] != 1)
             if d != first_in:
-                raise NoRule(f"reshape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
+                raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
             return next(k for k in range(j0, j) if out_s[k] != 1)
-    raise NoRule(f"reshape {tuple(in_s)} -> {tuple(out_s)}: sharded dim {d} not found")
+    raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)}: sharded dim {d} not found")
 
 
 def reshape(ctx: Ctx, node: fx.Node) -> Shard:

@@ -8,12 +8,14 @@ partial gradient on each rank (``partial_grads``).
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from .errors import ShardingError
+from .plan import glob_of
 from .trace import Captured
 
 aten = torch.ops.aten
@@ -42,6 +44,7 @@ class Site:
     out_features: int
     blocker: str | None = None  # why this module cannot be swapped for a sharded layer
     tied: bool = False  # its weight is also an embedding table: only output (row-of-W) sharding is consistent
+    experts: int = 0  # a grouped projection: one [experts, ...] 3-D weight, rows of x routed to their expert
 
 
 @dataclass
@@ -192,9 +195,32 @@ def _uses(p: fx.Node) -> list[fx.Node]:
     return out
 
 
+def is_grouped_mm(n: fx.Node) -> bool:
+    """``grouped_mm(x, W, offsets)``: x's rows, sorted by expert, each multiplied by its expert's W[e]."""
+    t = n.target
+    return n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and \
+        t._overloadpacket.__name__ in ("_grouped_mm", "grouped_mm_fallback") and len(n.args) >= 3
+
+
+def _grouped_site(c: Captured, n: fx.Node) -> Site | None:
+    x, w = n.args[0], n.args[1]
+    in_out = True
+    if isinstance(w, fx.Node) and w.target is aten.transpose.int and c.param_name(w.args[0]) and \
+            sorted(d % 3 for d in w.args[1:3]) == [1, 2]:
+        w, in_out = w.args[0], False
+    ws = c.shape(w)
+    if not c.param_name(w) or ws is None or len(ws) != 3:
+        return None
+    wname = c.alias_in(c.param_name(w), c.owner(n)) or c.param_name(w)
+    in_f, out_f = (ws[1], ws[2]) if in_out else (ws[2], ws[1])
+    return Site(n, x, wname, None, in_out, c.owner(n), in_f, out_f, experts=ws[0])
+
+
 def _site(c: Captured, n: fx.Node) -> Site | None:
     if n.op != "call_function":
         return None
+    if is_grouped_mm(n):
+        return _grouped_site(c, n)
     bias, in_out = None, False
     if n.target is aten.linear.default and c.param_name(n.args[1]):
         x, w = n.args[0], n.args[1]
@@ -225,19 +251,111 @@ def _site(c: Captured, n: fx.Node) -> Site | None:
 
 
 def _purity(c: Captured, s: Site, own: list[fx.Node]) -> str | None:
-    """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops."""
+    """A module is swappable if it is exactly one linear: weight (+bias) and shape-only ops.
+
+    An experts module is sharded in place instead: its parameters must be its grouped weights only.
+    """
+    if s.experts:
+        grouped = {g.weight for n in own if is_grouped_mm(n) and (g := _grouped_site(c, n)) is not None}
+        mine = {a for v in c.params.values() for a in c.aliases.get(v, (v,)) if a.rpartition(".")[0] == s.module}
+        if mine - grouped:
+            return f"experts module '{s.module}' has parameters besides its grouped weights " \
+                   f"({', '.join(sorted(mine - grouped))})"
+        return None
     if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
         return f"its parameters are not named weight/bias ({s.weight})"
     if c.owner(s.node) != s.module:
-        return f"its weight {s.weight} is used outside module '{s.module}'"
+        return f"its weight is used outside module '{glob_of(s.module)}'"
     extra = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES
              and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
     if extra:
-        return f"module '{s.module}' computes more than one linear ({op_name(extra[0])})"
+        return f"module '{glob_of(s.module)}' computes more than one linear ({op_name(extra[0])})"
     mine = {a for v in c.params.values() for a in c.aliases.get(v, (v,)) if a.rpartition(".")[0] == s.module}
     if mine - {s.weight, s.bias}:
         return f"module '{s.module}' has other parameters ({', '.join(sorted(mine - {s.weight, s.bias}))})"
     return None
+
+
+# ops linear in one operand: a per-rank partial sum stays one through them (the others must be replicated)
+_LINEAR_IN_ARG0 = SHAPE_ONLY | TRANSPOSES | {
+    aten.index.Tensor, aten.unsqueeze.default, aten.squeeze.dim, aten.sum.dim_IntList, aten.sum.default,
+    aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.clone.default, aten.contiguous.default}
+_ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
+
+
+def experts_boundary(c: Captured, cols: list[Site], row: Site) -> str | None:
+    """Why an experts module cannot be sharded in place with f at its inputs and g at its output; None if it can.
+
+    In place means: each rank computes its slice of every expert's hidden features, so the down
+    projection's result is a per-rank partial sum. Every op from there to the module's output
+    must keep it one (index, reshape, sum, multiply by a replicated routing weight...), so that
+    one all-reduce of the output makes it whole. Backward, every floating input's gradient must
+    be partial on each rank too (it reaches only the column projections, or multiplies a partial
+    value), so that one all-reduce of the inputs' gradients (f) makes them whole.
+    """
+    mod = row.module
+    if any(x.module != mod for x in cols):
+        return f"the group mixes experts module '{mod}' with other layers"
+
+    def inside(n: fx.Node) -> bool:
+        o = c.owner(n)
+        return n.op == "call_function" and (o == mod or o.startswith(mod + "."))
+
+    partial, heap, exits = {row.node}, [(c.order[row.node], row.node)], set()
+    while heap:  # in graph order, so both operands of an add are known when it is reached
+        _, p = heapq.heappop(heap)
+        for u in p.users:
+            if not inside(u):
+                exits.add(p)
+                continue
+            if u in partial or u.target is aten._assert_tensor_metadata.default:
+                continue
+            if not _keeps_partial(u, p, partial):
+                return f"{op_name(u)} in '{mod}' does not keep the experts' partial sums partial"
+            partial.add(u)
+            heapq.heappush(heap, (c.order[u], u))
+    if len(exits) != 1:
+        return f"experts module '{mod}' has {len(exits)} outputs; one is needed for its all-reduce"
+    xs = {x.node: x.x for x in cols}
+    inputs = {a for n in c.graph.nodes if inside(n) for a in n.all_input_nodes if not inside(a)}
+    for v in inputs:
+        val = v.meta.get("val")
+        if c.param_name(v) or not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            continue
+        stack, seen = [v], set()
+        while stack:
+            p = stack.pop()
+            for u in p.users:
+                if not inside(u) or u in seen or u.target is aten._assert_tensor_metadata.default:
+                    continue
+                seen.add(u)
+                if xs.get(u) is p or u.target is aten.mul.Tensor and any(a in partial for a in u.args[:2]):
+                    continue  # reaches a column projection's input, or scales a partial sum
+                if u.target in _LINEAR_IN_ARG0 and u.args[0] is p:
+                    stack.append(u)
+                    continue
+                return (f"input {_name(c, v)} of experts module '{mod}' is also used by {op_name(u)} on replicated "
+                        f"values: its gradient would mix partial and whole terms")
+    return None
+
+
+def _keeps_partial(u: fx.Node, p: fx.Node, partial: set[fx.Node]) -> bool:
+    """``u`` reading the partial sum ``p`` is linear in it (its other operands replicated)."""
+    others = [a for a in u.all_input_nodes if a is not p]
+    if u.target is aten.add.Tensor:
+        return all(isinstance(a, fx.Node) and a in partial for a in u.args[:2])
+    if any(a in partial for a in others):
+        return False
+    if u.target in _LINEAR_IN_ARG0 or u.target is aten.div.Tensor:
+        return u.args[0] is p
+    if u.target in (aten.index_add.default, aten.index_add_.default):
+        zeros = u.args[0]
+        return u.args[3] is p and isinstance(zeros, fx.Node) and zeros.target in _ZEROS
+    return u.target is aten.mul.Tensor
+
+
+def _name(c: Captured, n: fx.Node) -> str:
+    return f"'{n.target}'" if n.op == "placeholder" else f"({op_name(n)} in '{c.owner(n) or '<root>'}')"
 
 
 def op_name(n: fx.Node) -> str:

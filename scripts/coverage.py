@@ -70,10 +70,10 @@ def main() -> None:
         counts[status(results[2][n])] = counts.get(status(results[2][n]), 0) + 1
     lines += ["", "At tp=2: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
               "*Partly sharded* means some attention blocks stay replicated (the plan file says which node forced it): "
-              "ALiBi/relative position biases computed outside the attention projections (Bloom, MPT, XGLM merge "
-              "batch and heads; T5 adds a learned per-head bias), norms over all heads' features (OLMo2's q/k norm), "
-              "expert weights stored as 3-D parameters (Mixtral, Qwen3-MoE, OLMoE experts stay replicated; their "
-              "attention is sharded), one layer shared by every repeat (ALBERT). *Only vocabulary sharded*: every block stays replicated; the token embedding and LM head are still sharded.", "",
+              "ALiBi/relative position biases computed outside the attention projections (Bloom, MPT; Bloom, XGLM "
+              "and DeBERTa also merge batch and heads; T5 adds a learned per-head bias), norms over all heads' "
+              "features (OLMo2's and OLMoE's q/k norms), one layer shared by every repeat (ALBERT). Routers of "
+              "mixture-of-experts stay replicated by design. *Only vocabulary sharded*: every block stays replicated; the token embedding and LM head are still sharded.", "",
               f"Run time: {time.time() - t0:.0f} s."]
     (ROOT / "docs" / "coverage.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -38,6 +38,10 @@ def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg)
     if getattr(mod, "_autotp_vocab", None) and name == "weight":  # a table sharded by rows
         a, b = mod._autotp_vocab
         return dense_p[a:b]
+    if name in getattr(mod, "_autotp_experts", {}):  # an expert weight sliced in place
+        dim, seg = mod._autotp_experts[name]
+        return torch.cat([dense_p.narrow(dim, a, b - a) for a, b in shard_ranges(dense_p.shape[dim], rank, tp, seg)],
+                         dim)
     if isinstance(mod, ColumnParallelLinear):
         dim = (1 if mod.in_out else 0) if name == "weight" else 0
     elif isinstance(mod, RowParallelLinear) and name == "weight":
@@ -107,7 +111,8 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
     for n, p in dense.named_parameters():
         m = mods.get(holder[id(local_of[n])][0])
         if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear) and n.endswith("weight")) or \
-                getattr(m, "_autotp_vocab", None) and n.endswith("weight"):
+                getattr(m, "_autotp_vocab", None) and n.endswith("weight") or \
+                n.rpartition(".")[2] in getattr(m, "_autotp_experts", {}):
             ideal -= p.numel() - p.numel() * getattr(m, "rep", 1) // world
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output
@@ -117,7 +122,8 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
         grad_diff=gdiff, grad_scale=max(p.grad.abs().max().item() for p in dense.parameters() if p.grad is not None),
         param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=ideal,
         total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
-        rows=sum(1 for m in model.modules() if isinstance(m, RowParallelLinear)),
+        rows=sum(1 for m in model.modules()  # layers with an all-reduce after them (experts modules too)
+                 if isinstance(m, RowParallelLinear) or getattr(m, "_autotp_experts", None)),
         vocab=sum(1 for m in model.modules() if getattr(m, "_autotp_vocab", None)), gathers=gathers,
         heads=sum(1 for m in model.modules() if getattr(m, "gather", False) is True),
         shared_heads=sum(1 for m in model.modules() if getattr(m, "rep", 1) > 1),

@@ -78,19 +78,21 @@ ARCHS = [
 # tp=4 subset (4 heads: one head per rank; llama_gqa's 2 KV heads are each held by 2 ranks)
 ARCHS_TP4 = ["llama", "llama_gqa", "qwen3", "gpt2", "opt", "falcon", "gptj", "bert", "bart"]
 # sharded at the optimum: 2 all-reduces per block (3 per decoder block with cross-attention), vocabulary sharded
-OPTIMAL = set(ARCHS) - {"bloom", "mpt", "xglm", "olmo2", "mixtral", "qwen3_moe", "olmoe", "albert", "deberta-v2",
-                        "mpnet", "t5", "electra"}
+OPTIMAL = set(ARCHS) - {"bloom", "mpt", "xglm", "olmo2", "olmoe", "albert", "deberta-v2", "mpnet", "t5", "electra"}
 # tried and not yet covered (the coverage script reports why)
 GAPS = ["codegen", "falcon_new", "diffllama", "bitnet", "mt5"]
 
 
 def optimum(model) -> tuple[int, int]:
     """Collectives per forward of a fully sharded model: all-reduces (2 per block, 3 per cross-attention
-    block, 1 per token-embedding lookup) and all-gathers (1 for an LM head's logits)."""
+    block or per block with a shared expert beside the routed ones, 1 per token-embedding lookup) and
+    all-gathers (1 for an LM head's logits)."""
     cfg = model.config
     heads = int(model.get_output_embeddings() is not None)
     if getattr(cfg, "is_encoder_decoder", False):
         enc = getattr(cfg, "encoder_layers", None) or cfg.num_layers
         dec = getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_decoder_layers", None) or enc
         return 2 * enc + 3 * dec + 2, heads
-    return 2 * cfg.get_text_config().num_hidden_layers + 1, heads
+    text = cfg.get_text_config()
+    per_block = 3 if getattr(text, "shared_expert_intermediate_size", 0) else 2
+    return per_block * text.num_hidden_layers + 1, heads
