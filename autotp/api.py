@@ -16,9 +16,9 @@ from . import blocks, collectives
 from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
 from .hf import default_inputs
 from .localize import install, trace_localized
-from .plan import Entry, Plan, glob_of, load_plan
+from .plan import Entry, Plan, glob_of, glob_regex, load_plan
 from .planner import Analysis, compress, plan_graph, summarize
-from .rewrite import apply_patches, resolve, sum_grads, swap_layers
+from .rewrite import apply_patches, resolve, slice_inputs, sum_grads, swap_layers
 from .trace import Captured, capture, meta_copy
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,8 @@ def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_in
         except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
             return [(None, str(e).splitlines()[0][:300])]
     swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
-    return _compare(c, c2, a.layouts, swapped, a.plan.tp)
+    sliced = [glob_regex(e.path) for e in a.plan.entries if e.style == "slice"]
+    return _compare(c, c2, a.layouts, swapped, a.plan.tp, sliced)
 
 
 # ops a capture may drop when they do nothing at local shapes (e.g. contiguous() of one head)
@@ -197,7 +198,8 @@ _MAYBE_NOOP = {torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, 
                torch.ops.aten.detach.default}
 
 
-def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int) -> list[tuple[str, str]]:
+def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int,
+             sliced: list | None = None) -> list[tuple[str, str]]:
     def seq(g: Captured) -> dict[str, list[fx.Node]]:
         out: dict[str, list[fx.Node]] = {}
         for n in g.graph.nodes:
@@ -210,7 +212,7 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
     s1, s2, problems = seq(c), seq(c2), []
     for owner, nodes in s1.items():
         other = s2.get(owner, [])
-        pairs = _match(nodes, other)
+        pairs = _match(nodes, other, any(rx.fullmatch(owner) for rx in sliced or ()))
         if pairs is None:
             problems.append((owner, f"module '{owner}' runs different ops after sharding"))
             continue
@@ -231,8 +233,15 @@ _LAYOUT_ONLY = {torch.ops.aten.expand.default, torch.ops.aten.reshape.default, t
                 torch.ops.aten.squeeze.dim}
 
 
-def _match(a: list[fx.Node], b: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]] | None:
-    """Pair the ops of a module before and after sharding; only data-movement ops may go missing."""
+# what slicing an argument on its way into a module adds to that module's ops ('slice' lines)
+_SLICING = {torch.ops.aten.narrow.default, torch.ops.aten.slice.Tensor, torch.ops.aten.view.default,
+            torch.ops.aten.unflatten.int, torch.ops.aten.flatten.using_ints, torch.ops.aten.reshape.default,
+            torch.ops.aten._unsafe_view.default}
+
+
+def _match(a: list[fx.Node], b: list[fx.Node], sliced: bool = False) -> list[tuple[fx.Node, fx.Node]] | None:
+    """Pair the ops of a module before and after sharding; only data-movement ops may go missing, and
+    a module that slices an argument on its way in may run the ops that slice it."""
     ta, tb = [n.target for n in a], [n.target for n in b]
     if ta == tb:
         return list(zip(a, b))
@@ -244,6 +253,8 @@ def _match(a: list[fx.Node], b: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]] 
             pairs += list(zip(a[i1:i2], b[j1:j2]))
         elif tag == "delete" and all(t in _LAYOUT_ONLY for t in ta[i1:i2]):
             continue
+        elif tag == "insert" and sliced and all(t in _SLICING for t in tb[j1:j2]):
+            continue  # an argument sliced on its way in (a 'slice' line)
         else:
             return None
     return pairs
@@ -260,6 +271,7 @@ def _apply(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, exam
         dense = meta_copy(model)
         inputs = _module_inputs(dense, local_paths, example_inputs)
     swap_layers(model, resolved, rank=rank, tp=tp, group=group)
+    slice_inputs(model, plan, rank=rank, tp=tp, group=group)
     apply_patches(model, resolved)
     sum_grads(model, resolved, group)
     for p in local_paths:

@@ -1,4 +1,7 @@
-"""Megatron's f/g pair as autograd functions over functional collectives.
+"""Megatron's f/g pair as autograd functions over torch.distributed collectives.
+
+Eager code calls ``dist.all_reduce`` in place (on the layer's own output when it owns it); code
+compiled by ``torch.compile`` uses the functional collectives, which dynamo traces.
 
 ``copy_to_tp``   (f): identity forward, all-reduce of the gradient backward.
 ``reduce_from_tp`` (g): all-reduce forward, identity backward.
@@ -92,16 +95,48 @@ def _timed(op: Callable[..., torch.Tensor], x: torch.Tensor, *args, phase: str, 
     return out
 
 
-def _reduce(x: torch.Tensor, group) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
+    """Eager: one in-place ``dist.all_reduce`` (of ``x`` itself when the caller owns it, else of a copy).
+    Compiled: the functional collective, which dynamo traces."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+    y = x if owned and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(y, group=group)
+    return y
 
 
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+    """Eager: into one preallocated output. On gloo, whose all-gather is several times slower than its
+    all-reduce of the same bytes, each rank writes its slice into a zeroed full-width buffer and the
+    ranks all-reduce it (exact: every other term is zero)."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+    tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
+    if _backend(group) == "gloo":
+        full = x.new_zeros((*x.shape[:-1], n * tp))
+        full[..., rank * n:(rank + 1) * n] = x
+        dist.all_reduce(full, group=group)
+        return full
+    out = x.new_empty((tp, *x.shape))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
 
 
-def all_reduce(x: torch.Tensor, group, phase: str) -> torch.Tensor:
-    """Sum ``x`` over ``group``; ``phase`` ('forward'/'backward') is what gets counted."""
+_BACKENDS: dict = {}
+
+
+def _backend(group) -> str:
+    key = id(group)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = str(dist.get_backend(group))
+    return _BACKENDS[key]
+
+
+def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> torch.Tensor:
+    """Sum ``x`` over ``group``; ``phase`` ('forward'/'backward') is what gets counted.
+
+    ``owned``: the caller made ``x`` and reads it nowhere else, so it may be summed in place.
+    """
     if _DRY[0] or x.device.type == "meta":
         return x
     nbytes = x.numel() * x.element_size()
@@ -109,8 +144,8 @@ def all_reduce(x: torch.Tensor, group, phase: str) -> torch.Tensor:
         COUNTS[f"all_reduce.{phase}"] += 1
         COUNTS[f"bytes.{phase}"] += nbytes
     if _TALLY[0] is not None:
-        return _timed(_reduce, x, group, phase=phase, nbytes=nbytes)
-    return _reduce(x, group)
+        return _timed(_reduce, x, group, owned, phase=phase, nbytes=nbytes)
+    return _reduce(x, group, owned)
 
 
 def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
@@ -150,12 +185,15 @@ class _CopyToTP(torch.autograd.Function):
 
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x, group, "forward")
+    def forward(ctx, x, group, owned):
+        y = all_reduce(x, group, "forward", owned=owned)
+        if y is x:
+            ctx.mark_dirty(x)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class CopyCache:
@@ -193,10 +231,12 @@ def copy_to_tp(x: torch.Tensor, group, cache: CopyCache | None = None) -> torch.
     return _CopyToTP.apply(x, group)
 
 
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_from_tp(x: torch.Tensor, group, *, owned: bool = False) -> torch.Tensor:
+    """g: all-reduce forward, identity backward. ``owned``: ``x`` is the caller's fresh tensor (a layer's
+    own matmul output), summed in place."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _ReduceFromTP.apply(x, group)
-    return all_reduce(x, group, "forward")
+        return _ReduceFromTP.apply(x, group, owned)
+    return all_reduce(x, group, "forward", owned=owned)
 
 
 def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int) -> torch.Tensor:

@@ -133,6 +133,9 @@ def _export_style(e: Entry, model: nn.Module | None, problems: list[str], whole:
                f"unchanged, which would reshape with the global sizes")
     elif e.style == "localize":
         why = "its forward is rewritten to local sizes; transformers runs the module's code unchanged"
+    elif e.style == "slice":
+        why = (f"its argument '{e.get('arg')}' is sliced to this rank's heads on the way in; transformers has no "
+               f"such style and would add the whole of it to sharded heads")
     if why:
         problems.append(f"{where}: {why}")
         return None

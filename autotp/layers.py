@@ -96,7 +96,7 @@ class ColumnParallelLinear(_ParallelLinear):
             return g
         buf = g.new_zeros((self.tp // self.rep, *g.shape))
         buf[self.rank // self.rep] = g
-        return all_reduce(buf, self.group, "backward")[self.rank // self.rep]
+        return all_reduce(buf, self.group, "backward", owned=True)[self.rank // self.rep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
@@ -126,7 +126,7 @@ class RowParallelLinear(_ParallelLinear):
         _COPY_CACHE.clear()  # the group is closing: its input will not be read by its columns again
         y = self._linear(x, None)
         if self.tp > 1 and not is_dry():
-            y = reduce_from_tp(y, self.group)
+            y = reduce_from_tp(y, self.group, owned=True)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -179,7 +179,7 @@ class VocabShard:
     def _after(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         keep = self._mask.pop()
         out = out * keep.unsqueeze(-1).to(out.dtype)
-        return reduce_from_tp(out, self.group) if self.tp > 1 and not is_dry() else out
+        return reduce_from_tp(out, self.group, owned=True) if self.tp > 1 and not is_dry() else out
 
 
 class _CopyManyToTP(torch.autograd.Function):
@@ -195,7 +195,7 @@ class _CopyManyToTP(torch.autograd.Function):
         live = [g for g in grads if g is not None]
         if not live:
             return (None, *grads)
-        flat = all_reduce(torch.cat([g.reshape(-1) for g in live]), ctx.group, "backward")
+        flat = all_reduce(torch.cat([g.reshape(-1) for g in live]), ctx.group, "backward", owned=True)
         out, off = [], 0
         for g in grads:
             if g is None:
@@ -248,3 +248,47 @@ class ExpertsShard:
             raise TypeError(f"{type(module).__name__}: an experts module sharded in place must return one tensor "
                             f"(its output is all-reduced), got {type(out).__name__}")
         return reduce_from_tp(out, self.group)
+
+
+class InputSlice:
+    """A replicated argument of a module sliced along ``dim`` as it enters (a per-head bias such as
+    ALiBi meeting heads that are sharded inside the module): each rank keeps its ``size // tp``.
+
+    The argument goes through f first, so a gradient that reaches it (a learned bias) is summed
+    over the ranks in backward.
+    """
+
+    def __init__(self, module: nn.Module, *, arg: str, dim: int, size: int, rank: int, tp: int, group,
+                 merged: bool = False):
+        from .trace import positional_names
+
+        if size % tp:
+            raise ValueError(f"{size} is not divisible by tp={tp}")
+        self.arg, self.dim, self.size, self.rank, self.tp, self.group = arg, dim, size, rank, tp, group
+        self.merged = merged  # dim is (-1, size): slice each block of size (batch * heads)
+        names = positional_names(module)
+        self.pos = int(arg) if arg.isdigit() else (names.index(arg) if arg in names else None)
+        self.where = f"{type(module).__name__} argument '{arg}'"
+        module.register_forward_pre_hook(self._before, with_kwargs=True)
+
+    def _slice(self, x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        d, n = self.dim, self.size // self.tp
+        if x.dim() <= d or (x.shape[d] % self.size if self.merged else x.shape[d] != self.size):
+            raise RuntimeError(f"{self.where}: the plan slices dim {d} {'in blocks ' if self.merged else ''}of "
+                               f"size {self.size}, got shape {list(x.shape)}; make a plan for these inputs "
+                               f"(autotp.make_plan)")
+        if self.tp > 1 and not is_dry():
+            x = copy_to_tp(x, self.group)
+        if self.merged:  # (..., outer * size, ...) -> (..., outer, size, ...): this rank's n of every block
+            return x.unflatten(d, (-1, self.size)).narrow(d + 1, self.rank * n, n).flatten(d, d + 1)
+        return x.narrow(d, self.rank * n, n)
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.arg in kwargs:
+            return args, {**kwargs, self.arg: self._slice(kwargs[self.arg])}
+        if self.pos is not None and self.pos < len(args):
+            return (*args[:self.pos], self._slice(args[self.pos]), *args[self.pos + 1:]), kwargs
+        return None  # not passed (None by default): nothing to slice
+

@@ -27,6 +27,9 @@ class Shard:
     root: str | None = None  # column node whose whole output this is (for fused q|k|v splits)
     rep: int = 1
     spread: int | None = None
+    # ``dim`` merges leading dims of this total size with the sharded one (Bloom's batch * heads): it is
+    # (outer, sharded) in row-major order, and each rank holds its block of the sharded part for every outer index
+    outer: int | None = None
 
     def local(self, shape: tuple[int, ...] | list[int], tp: int) -> list[int]:
         s = list(shape)
@@ -88,3 +91,5 @@ def _divisible(ctx: Ctx, size: int, node: fx.Node, what: str, rep: int = 1) -> N
 def _plain(lay: Shard, node: fx.Node) -> None:
     if lay.spread is not None:
         raise NoRule(f"{node.name}: a repeated KV head must be merged into the head dim first")
+    if lay.outer is not None:
+        raise NoRule(f"{node.name} ({node.target}) reads heads merged with the batch dim")

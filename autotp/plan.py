@@ -23,10 +23,12 @@ STYLES = {
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
+    "slice": {"arg", "dim", "size", "merged"},  # a replicated argument (arg=name) each rank slices along dim
+    # on the way into the module: its 1/tp of size (merged=1: of each block of size, the dim being (-1, size))
     "experts": {"n", "col", "row", "w", "seg"},  # n experts' 3-D weights sliced in place: col=names by outputs
     # (seg: fused segments), row=names by inputs; f at the module's inputs, one all-reduce of its output
 }
-_INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather", "n"}
+_INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather", "n", "size", "merged"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Plan:
         lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
                  "# <module path or glob>  <style> [key=value ...]  # reason",
                  "# styles: colwise (seg=fused segments, gather=1) | rowwise | vocab | experts | replicate | patch attr=N"
-                 " | localize | sum_grad p=..",
+                 " | localize | sum_grad p=.. | slice arg=..",
                  *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
         if self.model:
             lines.append(f"model {self.model}")
@@ -110,12 +112,17 @@ class Plan:
         return cls(tp, tuple(entries), model, tuple(summary))
 
     # ------------------------------------------------------------------ matching
-    def resolve(self, modules: Iterable[str], model_name: str = "the model") -> dict[str, Entry]:
-        """Map each concrete module path to its entry; every line must match some module."""
+    def resolve(self, modules: Iterable[str], model_name: str = "the model", *, slices: bool = False
+                ) -> dict[str, Entry]:
+        """Map each concrete module path to its entry; every line must match some module.
+
+        ``slices``: map the 'slice' lines instead (a module may have one beside its other line).
+        """
         names = [m for m in modules if m]
         out: dict[str, Entry] = {}
-        exact = {e.path for e in self.entries if "*" not in e.path}
-        for e in self.entries:
+        mine = [e for e in self.entries if (e.style == "slice") == slices]
+        exact = {e.path for e in mine if "*" not in e.path}
+        for e in mine:
             rx = glob_regex(e.path)
             hits = [m for m in names if rx.fullmatch(m)]
             if not hits:

@@ -40,9 +40,15 @@ class _Grower:
     """Propagates one tentative group's layouts on top of the committed ones."""
 
     def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int,
-                 reps: dict[str, int] | None = None):
+                 reps: dict[str, int] | None = None, entering: dict | None = None, new: list | None = None):
         self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
         self.reps = reps or {}
+        # replicated values each rank slices as they enter a module: node -> [(module, layout inside it)]
+        self.entering: dict[fx.Node, list[tuple[str, Shard]]] = {k: list(v) for k, v in (entering or {}).items()}
+        self.new = list(new or [])  # this group's own Entering slices
+        for s in self.new:
+            self.entering.setdefault(s.node, []).append((s.module, s.layout))
+        self.cur: fx.Node | None = None  # the node whose rule is running (entering layouts depend on it)
         self.tent: dict[fx.Node, Any] = {}
         self.segs: dict[str, list[int]] = {}
         self.cuts: dict[str, list[tuple[list[int], bool, fx.Node]]] = {}
@@ -52,7 +58,15 @@ class _Grower:
     def layout(self, n: Any):
         if not isinstance(n, fx.Node):
             return None
-        return self.tent[n] if n in self.tent else self.committed.get(n)
+        if n in self.tent:
+            return self.tent[n]
+        lay = self.committed.get(n)
+        if lay is None and n in self.entering and self.cur is not None:
+            o = self.c.owner(self.cur)
+            for m, s in self.entering[n]:
+                if o == m or o.startswith(m + "."):
+                    return s
+        return lay
 
     def shape(self, n: Any):
         return self.c.shape(n)
@@ -95,12 +109,17 @@ class _Grower:
             self.tent[s.node] = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name, rep=self.reps.get(s.node.name, 1))
             for u in s.node.users:
                 heapq.heappush(heap, (order[u], u))
+        for s in self.new:
+            for u in s.node.users:
+                if u.op != "output" and _inside(self.c.owner(u), s.module):
+                    heapq.heappush(heap, (order[u], u))
         done = set()
         while heap:
             _, n = heapq.heappop(heap)
             if n in done:
                 continue
             done.add(n)
+            self.cur = n
             ins = []
             fx.node.map_arg((n.args, n.kwargs), ins.append)
             if not any(self.layout(a) is not None for a in ins):
@@ -149,6 +168,69 @@ class _Grower:
                 and not s.tied and s.node not in self.roles and s.in_features % self.tp == 0)
 
 
+@dataclass(frozen=True)
+class Entering:
+    """A replicated value (``node``) that ``module`` receives as its argument ``arg`` and that each rank
+    slices along ``dim`` (``size`` long) on the way in: a per-head bias (ALiBi) meeting sharded heads."""
+
+    node: fx.Node
+    module: str
+    arg: str
+    dim: int
+    size: int  # of the sliced dim, or with ``outer`` of its sharded part
+    outer: int | None = None  # the dim is (outer, size) merged (Bloom's ALiBi: batch * heads)
+    op: str = field(default="", compare=False)  # where it meets the heads
+
+    @property
+    def layout(self) -> Shard:
+        return Shard(self.dim, outer=self.outer)
+
+    def entry(self) -> Entry:
+        merged = (("merged", "1"),) if self.outer is not None else ()
+        what = f"dim {self.dim}" if self.outer is None else f"each block of {self.size} along dim {self.dim}"
+        return Entry(self.module, "slice", (("arg", self.arg), ("dim", str(self.dim)), ("size", str(self.size)))
+                     + merged, f"its input '{self.arg}' is replicated and meets sharded heads ({self.op}): each rank "
+                     f"takes its 1/tp of {what} as it enters")
+
+
+def _inside(owner: str, module: str) -> bool:
+    return owner == module or owner.startswith(module + ".") or module == ""
+
+
+# ops a replicated value may pass through, inside the module it enters, before it meets sharded heads
+_THROUGH = {"aten.slice.Tensor", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
+            "aten.detach.default", "aten._to_copy.default", "aten.to.dtype", "aten.type_as.default"}
+
+
+def entering(c: Captured, v: fx.Node, lay: Shard, consumer: fx.Node, tp: int) -> Entering | None:
+    """If ``v`` (replicated, needed sharded as ``lay`` by ``consumer``) is an argument of a module that
+    ``consumer`` runs in, seen through slices on other dims and copies: that argument, to slice on entry."""
+    dim = lay.dim
+    stack = [path for path, _ in (consumer.meta.get("nn_module_stack") or {}).values() if path]
+    shape, cur = c.shape(v), v
+    for _ in range(16):
+        o = c.owner(cur) if cur.op != "placeholder" else ""
+        outside = [m for m in stack if not _inside(o, m)]
+        if outside:
+            module = outside[0]  # the outermost module that receives the value from outside
+            break
+        if cur.op != "call_function" or str(cur.target) not in _THROUGH or not isinstance(cur.args[0], fx.Node):
+            return None
+        if str(cur.target) == "aten.slice.Tensor" and (cur.args[1] if len(cur.args) > 1 else 0) % len(shape) == dim:
+            return None
+        cur = cur.args[0]
+    else:
+        return None
+    s = c.shape(cur)
+    size = s[dim] // (lay.outer or 1) if s is not None and len(s) == len(shape) else 0
+    if not size or s[dim] != shape[dim] or size % tp or s[dim] % size:
+        return None
+    args = [k for k, a in c.module_args.get(module, ()) if a == s]
+    if len(args) != 1:
+        return None  # not received as one argument of that shape: nowhere to slice it
+    return Entering(cur, module, args[0], dim, size, lay.outer, op_name(consumer))
+
+
 def _at(n: fx.Node, e: Exception) -> Exception:
     e.node = getattr(e, "node", n)
     return e
@@ -172,6 +254,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
     segments: dict[str, list[int]] = {}
     indivisible: list[tuple[list[Site], NoRule]] = []
     all_reps: dict[str, int] = {}
+    entered: dict[fx.Node, list[tuple[str, Shard]]] = {}  # committed Entering slices, as the grower reads them
+    slices: dict[str, Entry] = {}
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.node in roles:
             continue
@@ -180,9 +264,9 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             continue
         if committed.get(s.x) is not None or tp == 1:
             continue
-        cols, err, reps = [s], None, {}
+        cols, err, reps, new = [s], None, {}, []
         while True:
-            g = _Grower(c, sites, committed, roles, tp, reps)
+            g = _Grower(c, sites, committed, roles, tp, reps, entered, new)
             try:
                 bad = [x for x in cols if x.out_features % (tp // reps.get(x.node.name, 1))]
                 if bad:
@@ -197,6 +281,10 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                         and x.blocker is None and committed.get(x.x) is None]
                 if more:
                     cols += more
+                    continue
+                ent = entering(c, e.value, e.layout, e.node, tp)
+                if ent is not None and ent not in new:
+                    new.append(ent)
                     continue
                 err = NoRule(f"{_where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
                              f"{op_name(e.node)}, and no column projection produces it")
@@ -224,6 +312,9 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                 roles[x.node], reasons[x.node] = "replicate", f"sharding it would fail: {why}"
             continue
         committed.update(g.tent)
+        for ent in new:
+            entered.setdefault(ent.node, []).append((ent.module, ent.layout))
+            slices.setdefault(ent.module, ent.entry())
         analysis.shape_consts += g.consts
         all_reps.update(reps)
         analysis.groups.append((cols, rows))
@@ -268,6 +359,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
             entries.append(Entry(lk.module, "vocab" if why is None else "replicate",
                                  (("rows", str(lk.rows)), ("dim", str(lk.dim))),
                                  why or "rows (vocabulary) sharded; each rank looks up its ids, one all-reduce"))
+    entries += slices.values()
     for module, names in partial.items():
         entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
                              "scales sharded values: each rank's gradient is a partial sum, all-reduced in backward"))
@@ -401,19 +493,22 @@ def _indivisible_error(fails: list, tp: int) -> ShardingError:
 
 def compress(entries: list[Entry]) -> list[Entry]:
     """Write repeated layers once, as a glob, when every instance has the same line."""
-    buckets: dict[str, list[Entry]] = {}
+    def key(e: Entry) -> tuple[str, bool]:  # a 'slice' line may sit beside another line of the same module
+        return glob_of(e.path), e.style == "slice"
+
+    buckets: dict[tuple[str, bool], list[Entry]] = {}
     for e in entries:
-        buckets.setdefault(glob_of(e.path), []).append(e)
+        buckets.setdefault(key(e), []).append(e)
     out, done = [], set()
     for e in entries:
-        g = glob_of(e.path)
+        g = key(e)
         if g in done:
             continue
         b = buckets[g]
         if len(b) > 1 and len({(x.style, x.params, x.reason) for x in b}) == 1 and len({x.path for x in b}) == len(b):
-            out.append(Entry(g, e.style, e.params, e.reason))
+            out.append(Entry(g[0], e.style, e.params, e.reason))
             done.add(g)
-        elif g == e.path or len(b) == 1:
+        elif g[0] == e.path or len(b) == 1:
             out.append(e)
             done.add(g) if len(b) == 1 else None
         else:

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import collectives
 from .errors import PlanMismatchError, ShardingError
-from .layers import ColumnParallelLinear, ExpertsShard, RowParallelLinear, VocabShard
+from .layers import ColumnParallelLinear, ExpertsShard, InputSlice, RowParallelLinear, VocabShard
 from .plan import Entry, Plan
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
     """Concrete module path -> entry, checking every planned module against the model."""
     modules = dict(model.named_modules())
     resolved = plan.resolve(modules.keys(), type(model).__name__)
+    resolve_slices(model, plan)
     for path, e in resolved.items():
         if e.style in ("colwise", "rowwise", "replicate") and e.get("w"):
             _check_shapes(path, modules[path], e, plan.tp)
@@ -28,6 +29,34 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
         if e.style == "experts":
             _check_experts(path, modules[path], e, plan.tp)
     return resolved
+
+
+def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:
+    """Concrete module path -> its 'slice' line (checked: the argument is one the module's forward takes)."""
+    from .trace import positional_names
+
+    out = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__, slices=True)
+    for path, e in out.items():
+        mod, arg = model.get_submodule(path), e.get("arg") or ""
+        import inspect
+
+        try:
+            params = inspect.signature(mod.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        takes_any = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
+        if not arg.isdigit() and arg not in params and not takes_any:
+            raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' slice): {type(mod).__name__}.forward "
+                                    f"takes no argument '{arg}' (it takes {positional_names(mod) or list(params)}); "
+                                    f"fix or drop the line")
+    return out
+
+
+def slice_inputs(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any) -> None:
+    """Each 'slice' line: the module's argument is sliced to this rank's part as it enters."""
+    for path, e in resolve_slices(model, plan).items():
+        InputSlice(model.get_submodule(path), arg=e.get("arg"), dim=int(e.get("dim")), size=int(e.get("size")),
+                   rank=rank, tp=tp, group=group, merged=e.get("merged") == "1")
 
 
 def _check_experts(path: str, mod: nn.Module, e: Entry, tp: int) -> None:

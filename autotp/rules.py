@@ -32,10 +32,12 @@ def elementwise(ctx: Ctx, node: fx.Node) -> Shard:
     ts = tensor_args(ctx, node)
     sharded = [(a, ctx.layout(a)) for a in ts if ctx.layout(a) is not None]
     dims = {lay.dim + out_nd - len(ctx.shape(a)) for a, lay in sharded}
-    reps = {(lay.rep, lay.spread is None) for _, lay in sharded}
+    reps = {(lay.rep, lay.spread is None, lay.outer) for _, lay in sharded}
     if len(dims) != 1 or len(reps) > 1:
         raise NoRule(f"{node.name} ({node.target}) mixes operands sharded on different dims")
-    _plain(sharded[0][1], node)
+    outer = sharded[0][1].outer
+    if sharded[0][1].spread is not None:
+        _plain(sharded[0][1], node)
     od = dims.pop()
     for a in ts:
         if ctx.layout(a) is None:
@@ -44,9 +46,10 @@ def elementwise(ctx: Ctx, node: fx.Node) -> Shard:
             if ad >= 0 and s[ad] != 1:  # a full-size replicated operand along the sharded dim
                 if sharded[0][1].rep > 1:
                     raise NoRule(f"{node.name}: a replicated operand meets a KV head held by several ranks")
-                raise Need(a, Shard(ad))
+                raise Need(a, Shard(ad, outer=outer))
     roots = {lay.root for _, lay in sharded}
-    return Shard(od, roots.pop() if len(roots) == 1 and len(sharded) == 1 else None, sharded[0][1].rep)
+    return Shard(od, roots.pop() if len(roots) == 1 and len(sharded) == 1 else None, sharded[0][1].rep,
+                 outer=outer)
 
 
 def unary(ctx: Ctx, node: fx.Node) -> Shard:
@@ -61,8 +64,9 @@ def softmax(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     if _norm(node.args[1], nd) == lay.dim:
         raise NoRule(f"{node.name} normalizes over the sharded dim {lay.dim}")
-    _plain(lay, node)
-    return Shard(lay.dim, rep=lay.rep)
+    if lay.outer is None:
+        _plain(lay, node)
+    return Shard(lay.dim, rep=lay.rep, outer=lay.outer)
 
 
 def reduction(ctx: Ctx, node: fx.Node) -> Shard:
@@ -97,30 +101,34 @@ def norm(ctx: Ctx, node: fx.Node) -> Shard:
 
 def contract(ctx: Ctx, node: fx.Node, operands: list[tuple[fx.Node, str]], out_labels: str) -> Shard:
     """Shared rule for matmul/einsum/sdpa: operands are labelled dims (aligned from the right)."""
-    labels, reps = set(), {}
+    labels, reps, outers = set(), {}, set()
     for a, labs in operands:
         lay = ctx.layout(a)
         if lay is not None:
-            _plain(lay, node)
+            if lay.outer is None or lay.spread is not None:
+                _plain(lay, node)
+            outers.add(lay.outer)
             labels.add(labs[lay.dim])
             reps[ctx.shape(a)[lay.dim]] = reps.get(ctx.shape(a)[lay.dim], set()) | {lay.rep}
-    if len(labels) != 1 or any(len(r) > 1 for r in reps.values()):
+    if len(labels) != 1 or any(len(r) > 1 for r in reps.values()) or len(outers) != 1:
         raise NoRule(f"{node.name} ({node.target}) has operands sharded on different dims")
-    lab = labels.pop()
+    lab, outer = labels.pop(), outers.pop()
+    if outer is not None and any(r != {1} for r in reps.values()):
+        raise NoRule(f"{node.name} ({node.target}) reads heads merged with the batch dim, held by several ranks")
     if lab not in out_labels:
         raise NoRule(f"{node.name} ({node.target}) contracts over the sharded dim: the sum would be partial")
     for a, labs in operands:
         if ctx.layout(a) is None and lab in labs:
             k = labs.index(lab)
             if ctx.shape(a)[k] != 1:
-                raise Need(a, Shard(k))
+                raise Need(a, Shard(k, outer=outer))
     o = out_labels.index(lab)
     # grouped-query attention: q heads and (fewer) KV heads share a label; the output has q's count
     size = ctx.shape(node)[o] if ctx.shape(node) is not None else None
     rep = reps.get(size, {1})
     if len(reps) > 1 and size not in reps:
         raise NoRule(f"{node.name} ({node.target}): sharded sizes {sorted(reps)} do not match the output")
-    return Shard(o, rep=next(iter(rep)))
+    return Shard(o, rep=next(iter(rep)), outer=outer)
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -173,6 +181,13 @@ def bmm(ctx: Ctx, node: fx.Node) -> Shard:
     return contract(ctx, node, [(node.args[0], "bNK"), (node.args[1], "bKM")], "bNM")
 
 
+def baddbmm(ctx: Ctx, node: fx.Node) -> Shard:
+    """``input + b1 @ b2`` (Bloom adds ALiBi this way): the added input is labelled like the output."""
+    bias = node.args[0]
+    nb = len(ctx.shape(bias)) if ctx.shape(bias) is not None else 0
+    return contract(ctx, node, [(node.args[1], "bNK"), (node.args[2], "bKM"), (bias, "bNM"[3 - nb:])], "bNM")
+
+
 # ---------------------------------------------------------------- the table
 
 RULES: dict[Any, Callable[[Ctx, fx.Node], Any]] = {
@@ -190,7 +205,7 @@ RULES: dict[Any, Callable[[Ctx, fx.Node], Any]] = {
     aten.amin.default: reduction, aten.var.correction: reduction, aten.std.correction: reduction,
     aten.sum.default: reduction, aten.mean.default: reduction, aten.linalg_vector_norm.default: reduction,
     aten.layer_norm.default: norm, aten.rms_norm.default: norm,
-    aten.matmul.default: matmul, aten.mm.default: matmul, aten.bmm.default: bmm,
+    aten.matmul.default: matmul, aten.mm.default: matmul, aten.bmm.default: bmm, aten.baddbmm.default: baddbmm,
     aten.einsum.default: einsum, aten.scaled_dot_product_attention.default: sdpa,
     aten.linear.default: linear_act,
 }

@@ -21,6 +21,22 @@ def map_reshape(in_s: tuple[int, ...], out_s: tuple[int, ...], d: int) -> int:
     >>> map_reshape((2, 5, 12, 64), (2, 5, 768), 2)
     2
     """
+    j, outer = map_merged(in_s, out_s, d)
+    if outer is not None:
+        raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
+    return j
+
+
+def map_merged(in_s: tuple[int, ...], out_s: tuple[int, ...], d: int, outer: int | None = None
+               ) -> tuple[int, int | None]:
+    """``map_reshape`` for a sharded dim that is (or becomes) merged after leading dims: the output dim and
+    the total size merged before the sharded part (None: a plain shard).
+
+    >>> map_merged((2, 4, 8, 16), (8, 8, 16), 1)    # Bloom: (batch, heads) -> batch * heads
+    (0, 2)
+    >>> map_merged((8, 8, 8), (2, 4, 8, 8), 0, 2)   # and back
+    (1, None)
+    """
     i = j = 0
     while i < len(in_s) and j < len(out_s):
         i0, j0, pi, pj = i, j, in_s[i], out_s[j]
@@ -32,20 +48,42 @@ def map_reshape(in_s: tuple[int, ...], out_s: tuple[int, ...], d: int) -> int:
             else:
                 pj *= out_s[j]
                 j += 1
-        if i0 <= d < i:
-            first_in = next(k for k in range(i0, i) if in_s[k] != 1)
-            if d != first_in:
-                raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
-            return next(k for k in range(j0, j) if out_s[k] != 1)
-    raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)}: sharded dim {d} not found")
+        if not i0 <= d < i:
+            continue
+        pre = (outer or 1) * _prod(in_s[i0:d])  # what comes before the sharded part inside this group
+        if pre == 1:
+            return next(k for k in range(j0, j) if out_s[k] != 1), None
+        for k in range(j0, j):
+            if _prod(out_s[j0:k]) == pre and out_s[k] != 1:
+                return k, None  # the leading dims come apart again: a plain shard of dim k
+        nonunit = [k for k in range(j0, j) if out_s[k] != 1]
+        if len(nonunit) == 1:
+            return nonunit[0], pre
+        break
+    raise NoRule(f"shape {tuple(in_s)} -> {tuple(out_s)} moves sharded dim {d} inside a merged dim")
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
 
 
 def reshape(ctx: Ctx, node: fx.Node) -> Shard:
     x = node.args[0]
     lay, in_s, out_s = ctx.layout(x), ctx.shape(x), ctx.shape(node)
-    j = map_reshape(in_s, out_s, lay.dim)
+    j, outer = map_merged(in_s, out_s, lay.dim, lay.outer)
     sizes = node.args[1] if len(node.args) > 1 else None
-    if lay.spread is not None:  # repeat_kv: (kv heads on rep ranks) x (copies split by rep) -> plain heads
+    if (outer is not None or lay.outer is not None) and (lay.rep > 1 or lay.spread is not None):
+        raise NoRule(f"{node.name}: heads merged with the batch dim are held by several ranks")
+    if outer is not None:  # (batch, heads) merged into one dim: each rank holds its heads of every batch row
+        _divisible(ctx, out_s[j] // outer, node, f"the heads in dim {j} of reshape {out_s}")
+        out = Shard(j, outer=outer)
+    elif lay.outer is not None:
+        _divisible(ctx, out_s[j], node, f"dim {j} of reshape {out_s}")
+        out = Shard(j)
+    elif lay.spread is not None:  # repeat_kv: (kv heads on rep ranks) x (copies split by rep) -> plain heads
         if lay.spread != lay.dim + 1 or out_s[j] != in_s[lay.dim] * in_s[lay.spread]:
             raise NoRule(f"{node.name}: reshape {in_s} -> {out_s} does not merge repeated KV heads into heads")
         out = Shard(j)
@@ -90,6 +128,8 @@ def flatten(ctx: Ctx, node: fx.Node) -> Shard:
 def transpose(ctx: Ctx, node: fx.Node) -> Shard:
     lay, nd = ctx.layout(node.args[0]), len(ctx.shape(node))
     a, b = (_norm(node.args[1], nd), _norm(node.args[2], nd)) if len(node.args) > 2 else (0, 1)
+    if lay.outer is not None and lay.dim not in (a, b) and lay.spread is None:
+        return lay  # batch * heads stays where it is
     _plain(lay, node)
     d = b if lay.dim == a else a if lay.dim == b else lay.dim
     return Shard(d, lay.root if d == nd - 1 and lay.dim == nd - 1 else None, lay.rep)

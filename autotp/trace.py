@@ -66,6 +66,8 @@ class Captured:
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # parameter name -> every name of it
     user_inputs: set[str] = field(default_factory=set)  # placeholders of the model's own inputs
     order: dict[fx.Node, int] = field(default_factory=dict)
+    # module path -> its first call's tensor arguments: (parameter name, or position if it has none; shape)
+    module_args: dict[str, list[tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
@@ -99,20 +101,24 @@ class Captured:
 
 
 class _ModuleTracker:
-    """Remembers which module was executing when capture failed, to name it in the error."""
+    """Remembers which module was executing when capture failed, to name it in the error, and the
+    tensor arguments of each module's first call (by parameter name where the signature has one)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: list[str] = []
         self.deepest: list[str] = []
+        self.args: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
         self.handles = []
         for name, mod in model.named_modules():
-            self.handles.append(mod.register_forward_pre_hook(self._push(name)))
+            self.handles.append(mod.register_forward_pre_hook(self._push(name), with_kwargs=True))
             self.handles.append(mod.register_forward_hook(self._pop))
 
     def _push(self, name: str):
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
             self.stack.append(name or "<root>")
             self.deepest = list(self.stack)
+            if name not in self.args:
+                self.args[name] = _tensor_args(mod, args, kwargs)
         return hook
 
     def _pop(self, mod, args, out):
@@ -122,6 +128,29 @@ class _ModuleTracker:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _tensor_args(mod: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
+    names = positional_names(mod)
+    out = [(names[i] if i < len(names) else str(i), tuple(int(s) for s in a.shape))
+           for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    return out + [(k, tuple(int(s) for s in v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+
+def positional_names(mod: nn.Module) -> list[str]:
+    """The names of ``mod.forward``'s positional parameters, in order ([] if it takes ``*args``)."""
+    import inspect
+
+    try:
+        ps = list(inspect.signature(mod.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    out = []
+    for p in ps:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        out.append(p.name)
+    return out
 
 
 def capture(model: nn.Module, example_inputs: Any) -> Captured:
@@ -156,7 +185,8 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
         names.setdefault(id(p), []).append(k)
     aliases = {ns[0]: tuple(ns) for ns in names.values()}
     aliases.update({k: tuple(ns) for ns in names.values() for k in ns})
-    return Captured(ep.graph, dict(sig.inputs_to_parameters), consts, aliases, set(sig.user_inputs))
+    return Captured(ep.graph, dict(sig.inputs_to_parameters), consts, aliases, set(sig.user_inputs),
+                    module_args=tracker.args)
 
 
 def _is_all_meta(model: nn.Module) -> bool:

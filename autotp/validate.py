@@ -19,8 +19,8 @@ from .errors import PlanMismatchError, ShardingError
 from .hf import default_inputs
 from .layouts import Need, NoRule, Rep, Shard
 from .plan import Entry, Plan, glob_of
-from .planner import Analysis, _describe, _Grower, _producers
-from .rewrite import resolve
+from .planner import Analysis, _describe, _Grower, _inside, _producers
+from .rewrite import resolve, resolve_slices
 from .rules import rule_for
 from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
 from .trace import Captured, capture
@@ -39,7 +39,7 @@ def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> A
     example_inputs = default_inputs(model, example_inputs)
     resolved = resolve(model, plan)
     c = capture(model, example_inputs)
-    checker = _Checker(c, plan, resolved)
+    checker = _Checker(c, plan, resolved, resolve_slices(model, plan))
     a = checker.run()
     if not checker.problems and _needs_shape_check(a, plan):
         from .api import verify  # api imports this module when it checks a given plan
@@ -86,7 +86,7 @@ def _which(e: Entry | None, module: str) -> str:
 class _Checker:
     """One pass over the graph with the plan's layouts; problems are collected, not raised one by one."""
 
-    def __init__(self, c: Captured, plan: Plan, resolved: dict[str, Entry]):
+    def __init__(self, c: Captured, plan: Plan, resolved: dict[str, Entry], slices: dict[str, Entry] | None = None):
         self.c, self.plan, self.resolved = c, plan, resolved
         self.sites = find_sites(c)
         self.lookups = find_lookups(c, self.sites)
@@ -95,6 +95,27 @@ class _Checker:
         self.problems: list[str] = []
         self.broken: set[fx.Node] = set()  # nodes at or after an op that refused a sharded input
         self.experts: set[str] = set()  # experts modules whose grouped weights are sharded in place
+        self.entered: dict[fx.Node, str] = {}  # a replicated value -> the 'slice' line's module slicing it
+        self.slices = slices or {}
+        self._slice_lines()
+
+    def _slice_lines(self) -> None:
+        """Each 'slice' line's argument, found as the one value of its shape that enters the module."""
+        own = self.c.owner
+        for path, e in self.slices.items():
+            shape = dict(self.c.module_args.get(path, ())).get(e.get("arg"))
+            d, size = int(e.get("dim")), int(e.get("size"))
+            found = [n for n in self.c.graph.nodes if shape is not None and self.c.shape(n) == shape
+                     and not _inside(own(n), path) and any(_inside(own(u), path) for u in n.users)]
+            merged = e.get("merged") == "1"
+            if shape is None or len(found) != 1 or d >= len(shape) or (shape[d] % size if merged else shape[d] != size):
+                seen = dict(self.c.module_args.get(path, ()))
+                self.add(f"{_which(e, path)}: module '{glob_of(path)}' receives no tensor argument "
+                         f"'{e.get('arg')}' with {size} along dim {d} (its tensor arguments: {seen or 'none'}). "
+                         f"Fix: correct or drop the line")
+                continue
+            self.g.entering.setdefault(found[0], []).append((path, Shard(d, outer=shape[d] // size if merged else None)))
+            self.entered[found[0]] = path
 
     def add(self, text: str) -> None:
         self.problems.append(text)
@@ -109,7 +130,9 @@ class _Checker:
                 continue
             ins: list = []
             fx.node.map_arg((n.args, n.kwargs), ins.append)
-            self.origin[n] = set().union(*(self.origin.get(a, set()) for a in ins if self.g.layout(a) is not None))
+            self.g.cur = n  # a value a 'slice' line slices is sharded only inside its module
+            self.origin[n] = set().union(*((self.origin.get(a) or {self.entered[a]} if a in self.entered else
+                                            self.origin.get(a, set())) for a in ins if self.g.layout(a) is not None))
             if any(a in self.broken for a in ins):
                 self.broken.add(n)  # downstream of a refused op: its problem is already reported
             elif n in self.sites:

@@ -153,6 +153,8 @@ class Worker:
             counts, comm_ms = count_collectives(self.prepared.forward, self.ids)
         own = {k.split(".")[0]: v for k, v in collectives.COUNTS.items()
                if k.endswith(".forward") and not k.startswith("bytes")} if mine else None
+        if own and "all_gather" in own and dist.get_backend() == "gloo":  # autotp gathers on gloo by a
+            own["all_reduce"] = own.get("all_reduce", 0) + own.pop("all_gather")  # zero-padded all-reduce
         return dict(counts=counts, comm_ms=comm_ms, own=own)
 
     def time(self, _: Any) -> tuple[float, float]:

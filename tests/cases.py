@@ -9,7 +9,7 @@ import torch.distributed as dist
 import autotp
 from autotp import collectives
 from autotp.layers import ColumnParallelLinear, RowParallelLinear, shard_ranges
-from models import (GPT, EinsumNet, GPTConfig, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
+from models import (GPT, AlibiNet, EinsumNet, GPTConfig, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
                     TwiceTrap)
 
 
@@ -25,12 +25,14 @@ def build(name: str):
         return EinsumNet(dim=32, n_heads=4), torch.randn(3, 10, 32)
     if name == "mlp":
         return MLPStack(), torch.randn(3, 7, 32)
+    if name in ("alibi", "alibi_merged"):  # a per-head bias sliced on its way into each block
+        return AlibiNet(merged=name == "alibi_merged"), torch.randn(3, 9, 32)
     traps = {"trap_norm": NormTrap, "trap_residual": ResidualTrap, "trap_twice": TwiceTrap,
              "trap_reduce": ReduceTrap}
     return traps[name](), torch.randn(3, 5, 16)
 
 
-CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "trap_norm", "trap_residual", "trap_twice", "trap_reduce"]
+CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged", "trap_norm", "trap_residual", "trap_twice", "trap_reduce"]
 
 
 def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg) -> torch.Tensor:

@@ -211,6 +211,52 @@ class EinsumNet(nn.Module):
         return self.blocks(x)
 
 
+# ---------------------------------------------------------------- a per-head position bias built outside the blocks
+class AlibiAttention(nn.Module):
+    """Attention with a per-head bias passed in, as Bloom and MPT do. ``merged``: heads merged with the
+    batch dim and the bias added by ``baddbmm`` (Bloom's layout)."""
+
+    def __init__(self, dim=32, n_heads=4, merged=False):
+        super().__init__()
+        self.n_heads, self.merged = n_heads, merged
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, x, bias):  # bias: (H, T, T), or (B*H, T, T) when merged
+        B, T, _ = x.shape
+        h = self.ln(x)
+        q, k, v = (p(h).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, H, T, hd)
+        hd = q.shape[-1]
+        if self.merged:
+            q, k, v = (t.reshape(B * self.n_heads, T, hd) for t in (q, k, v))  # (B*H, T, hd)
+            att = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=1 / math.sqrt(hd)).softmax(-1)
+            y = torch.bmm(att, v).view(B, self.n_heads, T, hd)
+        else:
+            y = (q @ k.transpose(-1, -2) / math.sqrt(hd) + bias).softmax(-1) @ v  # (B, H, T, hd)
+        return x + self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class AlibiNet(nn.Module):
+    """Learned per-head slopes times relative positions, computed once and passed to every block."""
+
+    def __init__(self, dim=32, n_heads=4, n_layers=2, merged=False):
+        super().__init__()
+        self.merged = merged
+        self.slopes = nn.Parameter(torch.linspace(-1.0, -0.1, n_heads))
+        self.blocks = nn.ModuleList([AlibiAttention(dim, n_heads, merged) for _ in range(n_layers)])
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device, dtype=x.dtype)
+        bias = self.slopes[:, None, None] * (pos[None, None, :] - pos[None, :, None])  # (H, T, T)
+        if self.merged:
+            bias = bias.repeat(B, 1, 1)  # (B*H, T, T), batch-major as Bloom builds it
+        for blk in self.blocks:
+            x = blk(x, bias)
+        return x
+
+
 # ---------------------------------------------------------------- plain MLP stack
 class MLPStack(nn.Module):
     def __init__(self, dim=32, hidden=64, depth=4):

@@ -201,6 +201,9 @@ def test_export_refuses_what_transformers_cannot_express():
     gqa = build("llama_gqa")  # 2 KV heads at tp=4: each held by 2 ranks
     with pytest.raises(autotp.PlanMismatchError, match="held by 2 ranks"):
         to_hf_tp_plan(stored("llama_gqa", 4), gqa)
+    mpt = build("mpt")  # ALiBi sliced on its way into each block: transformers would add all of it
+    with pytest.raises(autotp.PlanMismatchError, match="'position_bias' is sliced to this rank's heads"):
+        to_hf_tp_plan(stored("mpt"), mpt)
 
 
 def test_export_keeps_experts_whole_with_a_warning():

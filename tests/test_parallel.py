@@ -10,11 +10,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 from cases import CASES, parity  # noqa: E402
 
 # expected groups (= all-reduces per forward and per backward) per model at any tp that divides it
-EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2,
+EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2, "alibi": 2, "alibi_merged": 2,
             "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0}
 
 
 LM = {"nanogpt", "llama_gqa", "llama_kv2"}  # token embedding + LM head: vocabulary-sharded
+# backward all-reduces of a sliced argument that needs a gradient (the learned slopes): one per block
+SLICED_GRADS = {"alibi": 2, "alibi_merged": 2}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -43,7 +45,7 @@ def test_collectives_and_memory(results, name):
         assert r["vocab"] == r["gathers"] == r["heads"] == (1 if name in LM else 0), (tp, name, r)
         # + one gradient sum per layer whose KV heads are held by several ranks (llama_kv2 at tp=4),
         # + the input gradient of each all-gathered head
-        assert r["bwd"] == EXPECTED[name] + r["shared_heads"] + r["heads"], (tp, name, r)
+        assert r["bwd"] == EXPECTED[name] + r["shared_heads"] + r["heads"] + SLICED_GRADS.get(name, 0), (tp, name, r)
         assert r["shared_heads"] == (4 if name == "llama_kv2" and tp == 4 else 0), (tp, name, r)
         assert r["local_params"] == r["ideal_params"], (tp, name, r)
         if EXPECTED[name]:

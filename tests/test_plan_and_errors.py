@@ -17,7 +17,8 @@ from cases import build  # noqa: E402
 from models import HeadsModel  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden"
-GOLDEN_CASES = [(name, tp) for name in ("nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "trap_norm", "trap_residual",
+GOLDEN_CASES = [(name, tp) for name in ("nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged",
+                                         "trap_norm", "trap_residual",
                                          "trap_twice", "trap_reduce") for tp in (2, 4)]
 
 

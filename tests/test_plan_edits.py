@@ -180,6 +180,22 @@ def test_fused_segments_sum_grad_and_patch_edits_are_refused():
     assert "needs a 'patch' or 'localize' line" in msg, msg
 
 
+def test_slice_lines_are_checked():
+    """Bloom's ALiBi (batch * heads) and MPT's position bias are sliced as they enter each block."""
+    bloom, text = build("bloom"), stored("bloom")
+    assert re.search(r"^transformer\.h\.\*\s+slice arg=alibi dim=0 size=4 merged=1\s", text, re.M), text
+    msg = refusal(bloom, edit(text, "transformer.h.*", None))  # dropped: whole biases would meet sharded heads
+    assert "aten.baddbmm in 'transformer.h.*.self_attention'" in msg, msg
+    msg = refusal(bloom, text.replace("arg=alibi", "arg=alibii"))
+    assert "receives no tensor argument 'alibii'" in msg and "correct or drop the line" in msg, msg
+    msg = refusal(bloom, text.replace("size=4 merged=1", "size=3 merged=1"))
+    assert "with 3 along dim 0" in msg, msg
+    mpt, text = build("mpt"), stored("mpt")
+    msg = refusal(mpt, edit(text, "transformer.blocks.*", None))
+    assert "aten.add in 'transformer.blocks.*.attn'" in msg, msg
+    check_plan(mpt, Plan.from_text(text))  # as planned: accepted
+
+
 def test_sharding_before_a_norm_is_refused():
     model, x = build_toy("trap_norm")
     text = autotp.make_plan(model, 2, example_inputs=(x,)).to_text()
