@@ -116,12 +116,14 @@ class Plan:
                 ) -> dict[str, Entry]:
         """Map each concrete module path to its entry; every line must match some module.
 
-        ``slices``: map the 'slice' lines instead (a module may have one beside its other line).
+        ``slices``: map the 'slice' lines instead, keyed ``path:arg`` (a module may have one per argument,
+        beside its other line).
         """
         names = [m for m in modules if m]
         out: dict[str, Entry] = {}
         mine = [e for e in self.entries if (e.style == "slice") == slices]
-        exact = {e.path for e in mine if "*" not in e.path}
+        key = (lambda e, m: f"{m}:{e.get('arg')}") if slices else (lambda e, m: m)  # noqa: E731
+        exact = {key(e, e.path) for e in mine if "*" not in e.path}
         for e in mine:
             rx = glob_regex(e.path)
             hits = [m for m in names if rx.fullmatch(m)]
@@ -132,12 +134,13 @@ class Plan:
                     + (f" (closest: '{near}')" if near else "")
                     + ". Fix: correct the path, or make a new plan with autotp.make_plan for this model.")
             for m in hits:
-                if "*" in e.path and m in exact:
+                k = key(e, m)
+                if "*" in e.path and k in exact:
                     continue  # an exact line overrides a glob
-                if m in out and not ("*" in out[m].path and "*" not in e.path):
-                    raise PlanMismatchError(f"plan lines {out[m].line} and {e.line} both match module '{m}'"
-                                            f" ('{out[m].path}' {out[m].style} vs '{e.path}' {e.style}); keep one")
-                out[m] = e
+                if k in out and not ("*" in out[k].path and "*" not in e.path):
+                    raise PlanMismatchError(f"plan lines {out[k].line} and {e.line} both match module '{m}'"
+                                            f" ('{out[k].path}' {out[k].style} vs '{e.path}' {e.style}); keep one")
+                out[k] = e
         return out
 
     def with_entries(self, entries: Iterable[Entry]) -> "Plan":

@@ -20,6 +20,7 @@ from .plan import Entry, Plan, glob_of
 from .layouts import Need, NoRule, Rep, Shard
 from .rules import rule_for
 from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
+from .slicing import entering, inside
 from .trace import Captured
 
 
@@ -111,7 +112,7 @@ class _Grower:
                 heapq.heappush(heap, (order[u], u))
         for s in self.new:
             for u in s.node.users:
-                if u.op != "output" and _inside(self.c.owner(u), s.module):
+                if u.op != "output" and inside(self.c.owner(u), s.module):
                     heapq.heappush(heap, (order[u], u))
         done = set()
         while heap:
@@ -166,69 +167,6 @@ class _Grower:
         lay = self.layout(s.x)
         return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and lay.rep == 1 and s.blocker is None
                 and not s.tied and s.node not in self.roles and s.in_features % self.tp == 0)
-
-
-@dataclass(frozen=True)
-class Entering:
-    """A replicated value (``node``) that ``module`` receives as its argument ``arg`` and that each rank
-    slices along ``dim`` (``size`` long) on the way in: a per-head bias (ALiBi) meeting sharded heads."""
-
-    node: fx.Node
-    module: str
-    arg: str
-    dim: int
-    size: int  # of the sliced dim, or with ``outer`` of its sharded part
-    outer: int | None = None  # the dim is (outer, size) merged (Bloom's ALiBi: batch * heads)
-    op: str = field(default="", compare=False)  # where it meets the heads
-
-    @property
-    def layout(self) -> Shard:
-        return Shard(self.dim, outer=self.outer)
-
-    def entry(self) -> Entry:
-        merged = (("merged", "1"),) if self.outer is not None else ()
-        what = f"dim {self.dim}" if self.outer is None else f"each block of {self.size} along dim {self.dim}"
-        return Entry(self.module, "slice", (("arg", self.arg), ("dim", str(self.dim)), ("size", str(self.size)))
-                     + merged, f"its input '{self.arg}' is replicated and meets sharded heads ({self.op}): each rank "
-                     f"takes its 1/tp of {what} as it enters")
-
-
-def _inside(owner: str, module: str) -> bool:
-    return owner == module or owner.startswith(module + ".") or module == ""
-
-
-# ops a replicated value may pass through, inside the module it enters, before it meets sharded heads
-_THROUGH = {"aten.slice.Tensor", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
-            "aten.detach.default", "aten._to_copy.default", "aten.to.dtype", "aten.type_as.default"}
-
-
-def entering(c: Captured, v: fx.Node, lay: Shard, consumer: fx.Node, tp: int) -> Entering | None:
-    """If ``v`` (replicated, needed sharded as ``lay`` by ``consumer``) is an argument of a module that
-    ``consumer`` runs in, seen through slices on other dims and copies: that argument, to slice on entry."""
-    dim = lay.dim
-    stack = [path for path, _ in (consumer.meta.get("nn_module_stack") or {}).values() if path]
-    shape, cur = c.shape(v), v
-    for _ in range(16):
-        o = c.owner(cur) if cur.op != "placeholder" else ""
-        outside = [m for m in stack if not _inside(o, m)]
-        if outside:
-            module = outside[0]  # the outermost module that receives the value from outside
-            break
-        if cur.op != "call_function" or str(cur.target) not in _THROUGH or not isinstance(cur.args[0], fx.Node):
-            return None
-        if str(cur.target) == "aten.slice.Tensor" and (cur.args[1] if len(cur.args) > 1 else 0) % len(shape) == dim:
-            return None
-        cur = cur.args[0]
-    else:
-        return None
-    s = c.shape(cur)
-    size = s[dim] // (lay.outer or 1) if s is not None and len(s) == len(shape) else 0
-    if not size or s[dim] != shape[dim] or size % tp or s[dim] % size:
-        return None
-    args = [k for k, a in c.module_args.get(module, ()) if a == s]
-    if len(args) != 1:
-        return None  # not received as one argument of that shape: nowhere to slice it
-    return Entering(cur, module, args[0], dim, size, lay.outer, op_name(consumer))
 
 
 def _at(n: fx.Node, e: Exception) -> Exception:
@@ -314,7 +252,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         committed.update(g.tent)
         for ent in new:
             entered.setdefault(ent.node, []).append((ent.module, ent.layout))
-            slices.setdefault(ent.module, ent.entry())
+            slices.setdefault(f"{ent.module}:{ent.arg}", ent.entry())
         analysis.shape_consts += g.consts
         all_reps.update(reps)
         analysis.groups.append((cols, rows))
@@ -493,10 +431,10 @@ def _indivisible_error(fails: list, tp: int) -> ShardingError:
 
 def compress(entries: list[Entry]) -> list[Entry]:
     """Write repeated layers once, as a glob, when every instance has the same line."""
-    def key(e: Entry) -> tuple[str, bool]:  # a 'slice' line may sit beside another line of the same module
-        return glob_of(e.path), e.style == "slice"
+    def key(e: Entry) -> tuple[str, str | None]:  # 'slice' lines may sit beside another line of the module
+        return glob_of(e.path), e.get("arg") if e.style == "slice" else None
 
-    buckets: dict[tuple[str, bool], list[Entry]] = {}
+    buckets: dict[tuple[str, str | None], list[Entry]] = {}
     for e in entries:
         buckets.setdefault(key(e), []).append(e)
     out, done = [], set()

@@ -32,11 +32,12 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
 
 
 def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:
-    """Concrete module path -> its 'slice' line (checked: the argument is one the module's forward takes)."""
+    """``path:arg`` -> its 'slice' line (checked: the argument is one the module's forward takes)."""
     from .trace import positional_names
 
     out = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__, slices=True)
-    for path, e in out.items():
+    for key, e in out.items():
+        path = key.rpartition(":")[0]
         mod, arg = model.get_submodule(path), e.get("arg") or ""
         import inspect
 
@@ -54,8 +55,8 @@ def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:
 
 def slice_inputs(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any) -> None:
     """Each 'slice' line: the module's argument is sliced to this rank's part as it enters."""
-    for path, e in resolve_slices(model, plan).items():
-        InputSlice(model.get_submodule(path), arg=e.get("arg"), dim=int(e.get("dim")), size=int(e.get("size")),
+    for key, e in resolve_slices(model, plan).items():
+        InputSlice(model.get_submodule(key.rpartition(":")[0]), arg=e.get("arg"), dim=int(e.get("dim")), size=int(e.get("size")),
                    rank=rank, tp=tp, group=group, merged=e.get("merged") == "1")
 
 

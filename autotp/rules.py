@@ -214,6 +214,8 @@ for _op in (aten.dropout.default, aten.clone.default, aten.contiguous.default, a
             aten.detach.default, aten.lift_fresh_copy.default, aten.feature_dropout.default,
             aten.alpha_dropout.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
     RULES[_op] = elementwise if _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else unary
+for _op in (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):  # pointwise, but not tagged so
+    RULES[_op] = elementwise
 for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default):
     RULES[_op] = lambda ctx, node: None  # an int (eager code reads local sizes by itself), or a dtype assert
 

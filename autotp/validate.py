@@ -19,7 +19,8 @@ from .errors import PlanMismatchError, ShardingError
 from .hf import default_inputs
 from .layouts import Need, NoRule, Rep, Shard
 from .plan import Entry, Plan, glob_of
-from .planner import Analysis, _describe, _Grower, _inside, _producers
+from .planner import Analysis, _describe, _Grower, _producers
+from .slicing import inside
 from .rewrite import resolve, resolve_slices
 from .rules import rule_for
 from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
@@ -102,11 +103,12 @@ class _Checker:
     def _slice_lines(self) -> None:
         """Each 'slice' line's argument, found as the one value of its shape that enters the module."""
         own = self.c.owner
-        for path, e in self.slices.items():
+        for key, e in self.slices.items():
+            path = key.rpartition(":")[0]
             shape = dict(self.c.module_args.get(path, ())).get(e.get("arg"))
             d, size = int(e.get("dim")), int(e.get("size"))
             found = [n for n in self.c.graph.nodes if shape is not None and self.c.shape(n) == shape
-                     and not _inside(own(n), path) and any(_inside(own(u), path) for u in n.users)]
+                     and not inside(own(n), path) and any(inside(own(u), path) for u in n.users)]
             merged = e.get("merged") == "1"
             if shape is None or len(found) != 1 or d >= len(shape) or (shape[d] % size if merged else shape[d] != size):
                 seen = dict(self.c.module_args.get(path, ()))

@@ -70,11 +70,11 @@ def main() -> None:
         counts[status(results[2][n])] = counts.get(status(results[2][n]), 0) + 1
     lines += ["", "At tp=2: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".", "",
               "*Partly sharded* means some attention blocks stay replicated (the plan file says which node forced it): "
-              "T5's relative position bias (a learned embedding computed in the first block and reused by the "
-              "others), norms over all heads' features (OLMo2's and OLMoE's q/k norms), a chunk of the heads' "
+              "T5's first block (it computes the relative position bias from a learned embedding and a zero bias for "
+              "cross-attention; the later blocks receive both and slice them to their heads), norms over all heads' features (OLMo2's and OLMoE's q/k norms), a chunk of the heads' "
               "features into halves (DiffLlama), an embedding projection before a norm (ELECTRA), one layer shared "
               "by every repeat (ALBERT). Position biases passed into the blocks (Bloom's and MPT's ALiBi, MPNet's "
-              "relative bias) are sliced to each rank's heads on the way in (`slice` lines). Routers of "
+              "and T5's relative biases) are sliced to each rank's heads on the way in (`slice` lines). Routers of "
               "mixture-of-experts stay replicated by design. *Only vocabulary sharded*: every block stays replicated; the token embedding and LM head are still sharded.", "",
               f"Run time: {time.time() - t0:.0f} s."]
     (ROOT / "docs" / "coverage.md").write_text("\n".join(lines) + "\n")
