@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from . import blocks, collectives
+from . import blocks, collectives, shm
 from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
 from .hf import default_inputs
 from .localize import install, trace_localized
@@ -363,6 +363,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
     rank = dist.get_rank(group)
     if tp > 1:
         _apply(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+        if shm.wanted():
+            collectives.use_shared_memory(group)
     model._autotp_plan = plan  # what autotp.save_sharded writes beside the local weights
     if rank == 0:
         n = sum(1 for e in plan.entries if e.style in ("colwise", "rowwise"))

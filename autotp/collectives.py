@@ -101,8 +101,33 @@ def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
     y = x if owned and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(y, group=group)
-    return y
+    return _sum(y, group)
+
+
+_SHM: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # id(group) -> shared-memory sum (autotp.shm)
+
+
+def use_shared_memory(group) -> bool:
+    """Sum over ``group`` through shared memory from now on, if its ranks share this host (collective:
+    every rank calls it). See ``autotp.shm``; ``parallelize`` calls it when ``AUTOTP_SHM=1``."""
+    from .shm import setup
+
+    if id(group) not in _SHM:
+        s = setup(group)
+        if s is None:
+            return False
+        _SHM[id(group)] = s
+    return True
+
+
+def _sum(y: torch.Tensor, group) -> torch.Tensor:
+    """``y`` summed over ``group`` in place (eager)."""
+    s = _SHM.get(id(group))
+    if s is None or y.device.type != "cpu":
+        dist.all_reduce(y, group=group)
+        return y
+    with torch.profiler.record_function("autotp::shm_all_reduce"):
+        return s(y)
 
 
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -112,11 +137,14 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
+    s = _SHM.get(id(group))
+    if s is not None and x.device.type == "cpu":
+        with torch.profiler.record_function("autotp::shm_all_gather"):
+            return s.gather_last(x.contiguous())
     if _backend(group) == "gloo":
         full = x.new_zeros((*x.shape[:-1], n * tp))
         full[..., rank * n:(rank + 1) * n] = x
-        dist.all_reduce(full, group=group)
-        return full
+        return _sum(full, group)
     out = x.new_empty((tp, *x.shape))
     dist.all_gather_into_tensor(out, x.contiguous(), group=group)
     return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)

@@ -37,9 +37,10 @@ from tp_systems import ModelSize, build_inputs, build_model, count_collectives, 
 
 ROOT = Path(__file__).resolve().parent.parent
 TP = 2  # ranks of every sharded system
-TP_SYSTEMS = ("autotp", "hand", "hand_textbook", "dtensor", "transformers", "deepspeed")
+TP_SYSTEMS = ("autotp", "autotp_shm", "hand", "hand_textbook", "dtensor", "transformers", "deepspeed")
 LABELS = {
     "autotp": "(a) autotp `parallelize(model, tp=2)`",
+    "autotp_shm": "(a+) autotp, `AUTOTP_SHM=1` (shared-memory all-reduce)",
     "hand": "(b) hand-written Megatron swap (logits: zero-padded all-reduce)",
     "hand_textbook": "(b0) hand-written Megatron swap (logits: all_gather)",
     "dtensor": "(c) PyTorch `parallelize_module` (DTensor)",
@@ -144,7 +145,7 @@ class Worker:
 
     def count(self, _: Any) -> dict[str, Any]:
         """Collectives of one forward (profiler), and for autotp its own counters to compare with."""
-        mine = self.spec.system == "autotp"
+        mine = self.spec.system.startswith("autotp")
         if mine:
             from autotp import collectives
 
@@ -153,8 +154,8 @@ class Worker:
             counts, comm_ms = count_collectives(self.prepared.forward, self.ids)
         own = {k.split(".")[0]: v for k, v in collectives.COUNTS.items()
                if k.endswith(".forward") and not k.startswith("bytes")} if mine else None
-        if own and "all_gather" in own and dist.get_backend() == "gloo":  # autotp gathers on gloo by a
-            own["all_reduce"] = own.get("all_reduce", 0) + own.pop("all_gather")  # zero-padded all-reduce
+        if own and "all_gather" in own and dist.get_backend() == "gloo" and not collectives._SHM:
+            own["all_reduce"] = own.get("all_reduce", 0) + own.pop("all_gather")  # gloo: a zero-padded all-reduce
         return dict(counts=counts, comm_ms=comm_ms, own=own)
 
     def time(self, _: Any) -> tuple[float, float]:
@@ -513,7 +514,10 @@ How each system is set up (all from the same seeded dense model, fp32, `torch.no
 
 - **(a) autotp**: `autotp.parallelize(model, tp=2)`, nothing else. Its plan (derived from the graph):
   q/k/v/gate/up column, o/down row (one all-reduce each), token embedding sharded by vocabulary rows
-  (one all-reduce), LM head column-sharded with its logits all-gathered.
+  (one all-reduce), LM head column-sharded with its logits all-gathered (on gloo: a zero-padded
+  all-reduce).
+- **(a+) autotp with `AUTOTP_SHM=1`**: the same plan; its all-reduces go through a buffer in
+  `/dev/shm` that the two ranks share (`autotp.shm`) instead of gloo over TCP loopback.
 - **(b) hand-written Megatron swap**, the speed reference: `nn.Linear` modules replaced by sliced
   copies: q/k/v/gate/up by output rows, o/down by input columns followed by an in-place
   `torch.distributed.all_reduce`; the LM head sliced by vocabulary rows, each rank writing its logits

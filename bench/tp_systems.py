@@ -84,6 +84,14 @@ def setup_autotp(model: nn.Module, rank: int, tp: int) -> Prepared:
     return Prepared(hf_forward(model), model)
 
 
+def setup_autotp_shm(model: nn.Module, rank: int, tp: int) -> Prepared:
+    """autotp with its shared-memory all-reduce (AUTOTP_SHM=1: the ranks share this host)."""
+    import os
+
+    os.environ["AUTOTP_SHM"] = "1"
+    return setup_autotp(model, rank, tp)
+
+
 class HandColumn(nn.Module):
     """Output rows ``rank`` of ``tp``: ``y_local = x @ W_local.T (+ b_local)``; no communication."""
 
@@ -203,6 +211,7 @@ def setup_deepspeed(model: nn.Module, rank: int, tp: int) -> Prepared:
 
 SYSTEMS: dict[str, Callable[[nn.Module, int, int], Prepared]] = {
     "autotp": setup_autotp,
+    "autotp_shm": setup_autotp_shm,
     "hand": setup_hand,
     "hand_textbook": setup_hand_textbook,
     "dtensor": setup_dtensor,
