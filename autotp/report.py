@@ -88,7 +88,8 @@ def table(plan: Plan, counts: list[int] | None = None, width: int | None = None)
 def with_model(plan: Plan, model: nn.Module, resolved: dict[str, Entry], width: int | None = None) -> str:
     """The table and totals of ``plan`` resolved against ``model`` (``resolved``: module path -> line)."""
     index = {id(e): i for i, e in enumerate(plan.entries)}
-    per_line = Counter(index[id(e)] for e in resolved.values())
+    sliced = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__, slices=True)
+    per_line = Counter(index[id(e)] for e in list(resolved.values()) + list(sliced.values()))
     counts = [per_line[i] for i in range(len(plan.entries))]
     comm = Counter(communication(e) for e in resolved.values())
     styles = Counter(e.style for e in resolved.values())
