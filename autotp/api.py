@@ -16,8 +16,9 @@ from . import blocks, collectives, shm
 from .errors import CaptureError, GroupError, PlanMismatchError, RewriteError
 from .hf import default_inputs
 from .localize import install, trace_localized
-from .plan import Entry, Plan, glob_of, glob_regex, load_plan
-from .planner import Analysis, compress, plan_graph, summarize
+from .plan import Entry, Plan, compress, glob_of, glob_regex, load_plan, summarize
+from .planner import Analysis, plan_graph
+from .ranks import group_size
 from .rewrite import apply_patches, resolve, slice_inputs, sum_grads, swap_layers
 from .trace import Captured, capture, meta_copy
 
@@ -234,9 +235,8 @@ _LAYOUT_ONLY = {torch.ops.aten.expand.default, torch.ops.aten.reshape.default, t
 
 
 # what slicing an argument on its way into a module adds to that module's ops ('slice' lines)
-_SLICING = {torch.ops.aten.narrow.default, torch.ops.aten.slice.Tensor, torch.ops.aten.view.default,
-            torch.ops.aten.unflatten.int, torch.ops.aten.flatten.using_ints, torch.ops.aten.reshape.default,
-            torch.ops.aten._unsafe_view.default}
+_SLICING = _LAYOUT_ONLY | {torch.ops.aten.narrow.default, torch.ops.aten.unflatten.int,
+                           torch.ops.aten.flatten.using_ints}
 
 
 def _match(a: list[fx.Node], b: list[fx.Node], sliced: bool = False) -> list[tuple[fx.Node, fx.Node]] | None:
@@ -344,12 +344,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
         raise GroupError("no process group is initialized: call torch.distributed.init_process_group("
                          "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
     example_inputs = default_inputs(model, example_inputs)
-    group = group if group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    tp = world if tp is None else tp
-    if tp != world:
-        raise GroupError(f"tp={tp} but the process group has {world} ranks; tp must equal the group size "
-                         f"(use tp={world}, or pass group=dist.new_group(ranks) with {tp} ranks)")
+    group, tp = group_size(group, tp)
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
     given = plan is not None

@@ -19,8 +19,9 @@ import torch.nn as nn
 
 from .errors import CheckpointError
 from .hf import is_hf
-from .load import (INDEX, SHARDING, SINGLE, TIMEOUT_S, Read, Split, Stored, all_ranks, apply_plan, build_empty,
-                   finish, match_keys, ranks, read_all, read_headers, split_of, tensor_names)
+from .load import (INDEX, SHARDING, SINGLE, TIMEOUT_S, Read, Split, Stored, apply_plan, build_empty, finish,
+                   match_keys, read_all, read_headers, split_of, tensor_names)
+from .ranks import all_ranks, ranks
 from .plan import Plan, load_plan
 
 PLAN_FILE = "autotp.plan"

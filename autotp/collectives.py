@@ -20,7 +20,7 @@ import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -104,7 +104,7 @@ def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
     return _sum(y, group)
 
 
-_SHM: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # id(group) -> shared-memory sum (autotp.shm)
+_SHM: dict[int, Any] = {}  # id(group) -> its autotp.shm.ShmSum, for groups that sum through shared memory
 
 
 def use_shared_memory(group) -> bool:
@@ -141,23 +141,13 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     if s is not None and x.device.type == "cpu":
         with torch.profiler.record_function("autotp::shm_all_gather"):
             return s.gather_last(x.contiguous())
-    if _backend(group) == "gloo":
+    if str(dist.get_backend(group)) == "gloo":
         full = x.new_zeros((*x.shape[:-1], n * tp))
         full[..., rank * n:(rank + 1) * n] = x
         return _sum(full, group)
     out = x.new_empty((tp, *x.shape))
     dist.all_gather_into_tensor(out, x.contiguous(), group=group)
     return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
-
-
-_BACKENDS: dict = {}
-
-
-def _backend(group) -> str:
-    key = id(group)
-    if key not in _BACKENDS:
-        _BACKENDS[key] = str(dist.get_backend(group))
-    return _BACKENDS[key]
 
 
 def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> torch.Tensor:

@@ -156,6 +156,41 @@ def glob_of(path: str) -> str:
     return ".".join("*" if p.isdigit() else p for p in path.split("."))
 
 
+def compress(entries: list[Entry]) -> list[Entry]:
+    """Write repeated layers once, as a glob, when every instance has the same line."""
+    def key(e: Entry) -> tuple[str, str | None]:  # 'slice' lines may sit beside another line of the module
+        return glob_of(e.path), e.get("arg") if e.style == "slice" else None
+
+    buckets: dict[tuple[str, str | None], list[Entry]] = {}
+    for e in entries:
+        buckets.setdefault(key(e), []).append(e)
+    out, done = [], set()
+    for e in entries:
+        g = key(e)
+        if g in done:
+            continue
+        b = buckets[g]
+        if len(b) > 1 and len({(x.style, x.params, x.reason) for x in b}) == 1 and len({x.path for x in b}) == len(b):
+            out.append(Entry(g[0], e.style, e.params, e.reason))
+            done.add(g)
+        elif g[0] == e.path or len(b) == 1:
+            out.append(e)
+            done.add(g) if len(b) == 1 else None
+        else:
+            out.append(e)
+    return out
+
+
+def summarize(groups: int, rows: int, vocab: int, gathers: int, partial: int) -> tuple[str, ...]:
+    """The plan's summary comment: groups and collectives per forward."""
+    out = (f"{groups} groups; all-reduces per forward: {rows + vocab}"
+           + (f" ({vocab} for vocabulary lookups)" if vocab else "")
+           + (f"; all-gathers: {gathers}" if gathers else ""),)
+    if partial:
+        out += (f"{partial} replicated parameters get their gradients summed across ranks in backward",)
+    return out
+
+
 def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) -> Entry:
     where = f"{source}:{no}: '{raw.strip()}'"
     if len(words) < 2:

@@ -16,7 +16,7 @@ from typing import Any
 import torch.fx as fx
 
 from .errors import ShardingError
-from .plan import Entry, Plan, glob_of
+from .plan import Entry, Plan, compress, glob_of, summarize
 from .layouts import Need, NoRule, Rep, Shard
 from .rules import rule_for
 from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
@@ -63,10 +63,7 @@ class _Grower:
             return self.tent[n]
         lay = self.committed.get(n)
         if lay is None and n in self.entering and self.cur is not None:
-            o = self.c.owner(self.cur)
-            for m, s in self.entering[n]:
-                if o == m or o.startswith(m + "."):
-                    return s
+            return next((s for m, s in self.entering[n] if inside(self.c.owner(self.cur), m)), None)
         return lay
 
     def shape(self, n: Any):
@@ -155,8 +152,7 @@ class _Grower:
         mod = cols[0].module
         if len(rows) != 1 or any(x.module != mod or not x.experts for x in cols + rows):
             raise _at(cols[0].node, NoRule(f"the group of experts module '{mod}' mixes it with other layers"))
-        leaks = [n for n, lay in self.tent.items() if lay is not None and self.c.owner(n) != mod
-                 and not self.c.owner(n).startswith(mod + ".")]
+        leaks = [n for n, lay in self.tent.items() if lay is not None and not inside(self.c.owner(n), mod)]
         if leaks:
             raise _at(leaks[0], NoRule(f"a sharded value leaves experts module '{mod}' before its down projection"))
         why = experts_boundary(self.c, cols, rows[0])
@@ -330,16 +326,6 @@ def _experts_entry(s: Site, sites: dict, roles: dict, reasons: dict, segments: d
                  f"the output one all-reduce")
 
 
-def summarize(groups: int, rows: int, vocab: int, gathers: int, partial: int) -> tuple[str, ...]:
-    """The plan's summary comment: groups and collectives per forward."""
-    out = (f"{groups} groups; all-reduces per forward: {rows + vocab}"
-           + (f" ({vocab} for vocabulary lookups)" if vocab else "")
-           + (f"; all-gathers: {gathers}" if gathers else ""),)
-    if partial:
-        out += (f"{partial} replicated parameters get their gradients summed across ranks in backward",)
-    return out
-
-
 def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
     """A lone column projection that could not be closed, whose output flows to the model's output
     without meeting another projection (an LM head): all-gather its output rather than replicate it,
@@ -427,28 +413,3 @@ def _indivisible_error(fails: list, tp: int) -> ShardingError:
         f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}. "
         f"tp values that divide them: {ok}. Fix: use one of those tp values, or edit the plan to "
         f"replicate these modules.")
-
-
-def compress(entries: list[Entry]) -> list[Entry]:
-    """Write repeated layers once, as a glob, when every instance has the same line."""
-    def key(e: Entry) -> tuple[str, str | None]:  # 'slice' lines may sit beside another line of the module
-        return glob_of(e.path), e.get("arg") if e.style == "slice" else None
-
-    buckets: dict[tuple[str, str | None], list[Entry]] = {}
-    for e in entries:
-        buckets.setdefault(key(e), []).append(e)
-    out, done = [], set()
-    for e in entries:
-        g = key(e)
-        if g in done:
-            continue
-        b = buckets[g]
-        if len(b) > 1 and len({(x.style, x.params, x.reason) for x in b}) == 1 and len({x.path for x in b}) == len(b):
-            out.append(Entry(g[0], e.style, e.params, e.reason))
-            done.add(g)
-        elif g[0] == e.path or len(b) == 1:
-            out.append(e)
-            done.add(g) if len(b) == 1 else None
-        else:
-            out.append(e)
-    return out

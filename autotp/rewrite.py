@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from typing import Any
 
@@ -11,6 +12,7 @@ from . import collectives
 from .errors import PlanMismatchError, ShardingError
 from .layers import ColumnParallelLinear, ExpertsShard, InputSlice, RowParallelLinear, VocabShard
 from .plan import Entry, Plan
+from .trace import positional_names
 
 log = logging.getLogger(__name__)
 _LAYERS = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear}
@@ -33,14 +35,10 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
 
 def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:
     """``path:arg`` -> its 'slice' line (checked: the argument is one the module's forward takes)."""
-    from .trace import positional_names
-
     out = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__, slices=True)
     for key, e in out.items():
         path = key.rpartition(":")[0]
         mod, arg = model.get_submodule(path), e.get("arg") or ""
-        import inspect
-
         try:
             params = inspect.signature(mod.forward).parameters
         except (TypeError, ValueError):

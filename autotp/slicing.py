@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from .layouts import Shard
 from .plan import Entry
-from .rules import elementwise, rule_for
+from .rules import elementwise, rule_for, unary
 from .sites import op_name
 from .trace import Captured
+
+aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -47,23 +50,18 @@ def inside(owner: str, module: str) -> bool:
     return owner == module or owner.startswith(module + ".") or module == ""
 
 
-# ops a replicated value may pass through, inside the module it enters, before it meets sharded heads
-_THROUGH = {"aten.slice.Tensor", "aten.clone.default", "aten.contiguous.default", "aten.alias.default",
-            "aten.detach.default", "aten._to_copy.default", "aten.to.dtype", "aten.type_as.default"}
-
-
 def _back(c: Captured, n: fx.Node, dim: int) -> fx.Node | None:
     """The one input of ``n`` that carries its values along ``dim`` unchanged in position: the input of a
     copy or of a slice on another dim, or the operand of a pointwise op that the others broadcast along
     ``dim`` (T5 adds the mask to its position bias). None if there is no such input."""
     if n.op != "call_function" or c.shape(n) is None:
         return None
-    nd = len(c.shape(n))
-    if str(n.target) in _THROUGH:
-        if str(n.target) == "aten.slice.Tensor" and (n.args[1] if len(n.args) > 1 else 0) % nd == dim:
+    nd, rule = len(c.shape(n)), rule_for(n.target)
+    if rule is unary or n.target is aten.slice.Tensor:  # a copy or cast; a slice, unless along ``dim``
+        if n.target is aten.slice.Tensor and (n.args[1] if len(n.args) > 1 else 0) % nd == dim:
             return None
         return n.args[0] if isinstance(n.args[0], fx.Node) and len(c.shape(n.args[0]) or ()) == nd else None
-    if rule_for(n.target) is not elementwise:
+    if rule is not elementwise:
         return None
     full = [a for a in n.all_input_nodes if c.shape(a) is not None and 0 <= dim - (nd - len(c.shape(a)))
             and c.shape(a)[dim - (nd - len(c.shape(a)))] != 1]

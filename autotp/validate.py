@@ -195,8 +195,7 @@ class _Checker:
     def _leaves_experts(self, n: fx.Node) -> bool:
         """A sharded value of an experts module used outside it: its shards must stay inside until the down
         projection, whose partial sums the module's output all-reduce makes whole."""
-        inside = lambda m: self.c.owner(n) == m or self.c.owner(n).startswith(m + ".")  # noqa: E731
-        out = [m for m in self.origin[n] & self.experts if not inside(m)]
+        out = [m for m in self.origin[n] & self.experts if not inside(self.c.owner(n), m)]
         if out:
             self.add(f"{_which(self.entry(out[0]), out[0])}: a sharded value leaves experts module "
                      f"'{glob_of(out[0])}' before its down projection (at {op_name(n)} in "
