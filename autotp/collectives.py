@@ -25,6 +25,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+
+from . import buffers
 
 COUNTS: Counter = Counter()
 _DRY = [False]
@@ -104,25 +107,34 @@ def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
     return _sum(y, group)
 
 
-_SHM: dict[int, Any] = {}  # id(group) -> its autotp.shm.ShmSum, for groups that sum through shared memory
+_SHM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its autotp.shm.ShmSum, if it has one
+
+
+def shared_memory_of(group) -> Any:
+    """The ``autotp.shm.ShmSum`` that ``group`` (None: the world) communicates through, or None."""
+    try:
+        return _SHM.get(group if group is not None else dist.group.WORLD)
+    except TypeError:  # not a group object (no process group initialized)
+        return None
 
 
 def use_shared_memory(group) -> bool:
     """Sum over ``group`` through shared memory from now on, if its ranks share this host (collective:
-    every rank calls it). See ``autotp.shm``; ``parallelize`` calls it when ``AUTOTP_SHM=1``."""
+    every rank calls it). See ``autotp.shm``; ``parallelize`` calls it unless ``AUTOTP_SHM=0``."""
     from .shm import setup
 
-    if id(group) not in _SHM:
+    group = group if group is not None else dist.group.WORLD
+    if group not in _SHM:
         s = setup(group)
         if s is None:
             return False
-        _SHM[id(group)] = s
+        _SHM[group] = s
     return True
 
 
 def _sum(y: torch.Tensor, group) -> torch.Tensor:
     """``y`` summed over ``group`` in place (eager)."""
-    s = _SHM.get(id(group))
+    s = shared_memory_of(group)
     if s is None or y.device.type != "cpu":
         dist.all_reduce(y, group=group)
         return y
@@ -137,12 +149,13 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
-    s = _SHM.get(id(group))
+    s = shared_memory_of(group)
     if s is not None and x.device.type == "cpu":
         with torch.profiler.record_function("autotp::shm_all_gather"):
             return s.gather_last(x.contiguous())
     if str(dist.get_backend(group)) == "gloo":
-        full = x.new_zeros((*x.shape[:-1], n * tp))
+        shape = (*x.shape[:-1], n * tp)
+        full = (buffers.empty(shape, x.dtype) if x.device.type == "cpu" else x.new_empty(shape)).zero_()
         full[..., rank * n:(rank + 1) * n] = x
         return _sum(full, group)
     out = x.new_empty((tp, *x.shape))
@@ -177,6 +190,40 @@ def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
     if _TALLY[0] is not None:
         return _timed(_gather, x, group, phase="forward", nbytes=nbytes)
     return _gather(x, group)
+
+
+def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_out: bool, group,
+                  tp: int) -> torch.Tensor:
+    """The all-gathered output of a column-split linear (an LM head), for forwards without autograd.
+
+    On a shared-memory group each piece of rows is computed straight into this rank's slot: the
+    local logits are never a tensor of their own, and are copied once, into the full-width output.
+    Elsewhere (and while profiling, which times the matmul and the gather apart): the linear, then
+    :func:`all_gather_last`. Counted as one all-gather either way.
+    """
+    s = shared_memory_of(group)
+    if (s is None or _DRY[0] or x.device.type != "cpu" or _TALLY[0] is not None or torch.compiler.is_compiling()
+            or x.dtype != weight.dtype):
+        if in_out:
+            y = x @ weight
+            y = y + bias if bias is not None else y
+        else:
+            y = F.linear(x, weight, bias)
+        return all_gather_last(y, group, tp)
+    w = weight if in_out else weight.t()  # (in, n)
+    rows, n = x.reshape(-1, x.shape[-1]), w.shape[1]
+    COUNTS["all_gather.forward"] += 1
+    COUNTS["bytes.forward"] += rows.shape[0] * n * tp * x.element_size()
+
+    def compute(a: int, b: int, out: torch.Tensor) -> None:
+        if bias is None:
+            torch.mm(rows[a:b], w, out=out)
+        else:
+            torch.addmm(bias, rows[a:b], w, out=out)
+
+    with torch.profiler.record_function("autotp::shm_linear_all_gather"):
+        out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
+    return out.view(*x.shape[:-1], n * tp)
 
 
 class _GatherFromTP(torch.autograd.Function):

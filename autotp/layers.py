@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .collectives import CopyCache, all_reduce, copy_to_tp, gather_from_tp, is_dry, reduce_from_tp
+from .collectives import CopyCache, all_reduce, copy_to_tp, gather_from_tp, gather_linear, is_dry, reduce_from_tp
 
 _COPY_CACHE = CopyCache()
 
@@ -100,6 +100,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
+            if self.tp > 1 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                return gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp)  # inference
             y = self._linear(copy_to_tp(x, self.group) if self.tp > 1 and not is_dry() else x, self.bias)
             return gather_from_tp(y, self.group, self.rank, self.tp) if self.tp > 1 else y  # (..., out)
         if self.tp > 1 and not is_dry():

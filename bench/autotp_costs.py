@@ -1,13 +1,18 @@
-"""What autotp's communication pieces cost against the cheapest way found to do the same, per call.
+"""What autotp's communication pieces cost against other ways to get the same tensor, per call.
 
-Run inside the autotp ranks of ``side_by_side.py`` (a gloo group is up), on the model's own shapes:
+Run inside the autotp ranks of ``side_by_side.py`` (a gloo group is up; autotp's collectives go
+through shared memory unless ``AUTOTP_SHM=0``), on the model's own shapes, without autograd:
 
-- the logits all-gather (``collectives.all_gather_last``, functional all-gather along the last dim)
-  against a zero-padded in-place ``dist.all_reduce`` that yields the same tensor;
-- a row layer's all-reduce (``collectives.all_reduce``, functional: a new output tensor) against an
-  in-place ``dist.all_reduce`` of the layer's fresh output;
+- the LM head, matmul and logits together (``collectives.gather_linear``: output features split, the
+  local logits computed into shared memory and gathered) against (b)'s way, the same split with a
+  zero-padded in-place gloo ``dist.all_reduce``, and against DeepSpeed's, input features split and
+  the full logits summed (through autotp's own sum, to compare the split alone);
+- a row layer's all-reduce (``collectives.all_reduce`` of the layer's fresh output) against an
+  in-place gloo ``dist.all_reduce``, (b)'s;
 - the vocabulary-sharded token embedding (autotp's ``VocabShard``: mask, lookup, all-reduce) against
-  a replicated lookup (no communication, the whole table held).
+  a replicated lookup (no communication, the whole table held), (b)'s.
+
+Each row says whose way its alternative is (``ref``): the (b) rows together account for autotp − (b).
 """
 from __future__ import annotations
 
@@ -45,30 +50,39 @@ def _gather_by_reduce(y: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 
 def measure(size: ModelSize, model: nn.Module, reps: int) -> list[dict]:
-    """Rows ``piece, calls, autotp (wall, cpu), alternative (wall, cpu), alternative name`` for this rank."""
+    """Rows ``piece, calls, autotp (wall, cpu), alternative (wall, cpu), alt_name, ref`` for this rank."""
     from autotp import collectives
 
     group, rank, tp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(size.seed)
-    logits = torch.randn(size.batch, size.seq, size.vocab // tp, generator=g)
-    hidden = torch.randn(size.batch, size.seq, size.hidden, generator=g)
+    x = torch.randn(size.batch, size.seq, size.hidden, generator=g)
+    w_col = torch.randn(size.vocab // tp, size.hidden, generator=g) * 0.02  # this rank's vocabulary rows
+    w_row = torch.randn(size.vocab, size.hidden // tp, generator=g) * 0.02  # this rank's input features
+    x_row = x[..., rank * size.hidden // tp:(rank + 1) * size.hidden // tp].contiguous()
     ids = torch.randint(0, size.vocab, (size.batch, size.seq), generator=g)
-    if not torch.equal(collectives.all_gather_last(logits, group, tp), _gather_by_reduce(logits, rank, tp)):
-        raise RuntimeError("the zero-padded all-reduce does not reproduce autotp's all-gather")
     embed = model.get_input_embeddings()
     table = torch.randn(size.vocab, size.hidden, generator=g)
-    fresh = hidden.clone()  # reduced in place again and again: its values grow, its cost does not
     rows = []
     with torch.no_grad():
-        rows.append(dict(piece=f"logits all-gather {tuple(logits.shape)} → vocab {size.vocab}", calls=1,
-                         autotp=_clock(lambda: collectives.all_gather_last(logits, group, tp), reps),
-                         alt=_clock(lambda: _gather_by_reduce(logits, rank, tp), reps),
-                         alt_name="zero-padded in-place `dist.all_reduce`"))
-        rows.append(dict(piece=f"row-layer all-reduce {tuple(hidden.shape)}", calls=2 * size.layers,
-                         autotp=_clock(lambda: collectives.all_reduce(hidden, group, "forward"), reps),
+        fused = collectives.gather_linear(x, w_col, None, False, group, tp)
+        if not torch.equal(fused, _gather_by_reduce(F.linear(x, w_col), rank, tp)):
+            raise RuntimeError("the zero-padded all-reduce does not reproduce autotp's LM head gather")
+        del fused
+        head = f"LM head {tuple(x.shape)} → vocab {size.vocab}, matmul and logits"
+        autotp_head = _clock(lambda: collectives.gather_linear(x, w_col, None, False, group, tp), reps)
+        rows.append(dict(piece=head, calls=1, autotp=autotp_head, ref="b",
+                         alt=_clock(lambda: _gather_by_reduce(F.linear(x, w_col), rank, tp), reps),
+                         alt_name="same split, zero-padded in-place gloo `dist.all_reduce`"))
+        rows.append(dict(piece=head, calls=1, autotp=autotp_head, ref="e",
+                         alt=_clock(lambda: collectives.all_reduce(F.linear(x_row, w_row), group, "forward",
+                                                                   owned=True), reps),
+                         alt_name="input features split, full logits summed (DeepSpeed's split)"))
+        fresh = x.clone()  # summed in place again and again: its values grow, its cost does not
+        rows.append(dict(piece=f"row-layer all-reduce {tuple(x.shape)}", calls=2 * size.layers, ref="b",
+                         autotp=_clock(lambda: collectives.all_reduce(fresh, group, "forward", owned=True), reps),
                          alt=_clock(lambda: dist.all_reduce(fresh), reps),
-                         alt_name="in-place `dist.all_reduce` of the layer's own output"))
-        rows.append(dict(piece="token embedding lookup (vocabulary-sharded)", calls=1,
+                         alt_name="in-place gloo `dist.all_reduce`"))
+        rows.append(dict(piece="token embedding lookup (vocabulary-sharded)", calls=1, ref="b",
                          autotp=_clock(lambda: embed(ids), reps),
                          alt=_clock(lambda: F.embedding(ids, table), reps),
                          alt_name="replicated table (no communication)"))

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from tp_systems import ModelSize
 
 TP = 2  # ranks of every sharded system
-TP_SYSTEMS = ("autotp", "autotp_shm", "hand", "hand_textbook", "dtensor", "transformers", "deepspeed")
+TP_SYSTEMS = ("autotp", "autotp_gloo", "hand", "hand_textbook", "dtensor", "transformers", "deepspeed")
 LABELS = {
     "autotp": "(a) autotp `parallelize(model, tp=2)`",
-    "autotp_shm": "(a+) autotp, `AUTOTP_SHM=1` (shared-memory all-reduce)",
+    "autotp_gloo": "(a-) autotp, `AUTOTP_SHM=0` (every collective on gloo)",
     "hand": "(b) hand-written Megatron swap (logits: zero-padded all-reduce)",
     "hand_textbook": "(b0) hand-written Megatron swap (logits: all_gather)",
     "dtensor": "(c) PyTorch `parallelize_module` (DTensor)",
@@ -110,26 +110,34 @@ def table(results: list[Result]) -> str:
 
 def cost_table(costs: list[dict]) -> str:
     """autotp's communication pieces against the alternatives (wall / CPU ms, slower rank, medians)."""
-    lines = ["| piece | calls / forward | autotp, ms per call (wall / CPU) | alternative | alternative, ms per call "
-             "(wall / CPU) | autotp − alternative, ms per forward (wall / CPU) |", "|---|---|---|---|---|---|"]
+    lines = ["| piece | calls / forward | autotp, ms per call (wall / CPU) | alternative (whose) | alternative, ms per "
+             "call (wall / CPU) | autotp − alternative, ms per forward (wall / CPU) |", "|---|---|---|---|---|---|"]
     for c in costs:
         (aw, ac), (bw, bc), n = c["autotp"], c["alt"], c["calls"]
-        lines.append(f"| {c['piece']} | {n} | {aw:.1f} / {ac:.1f} | {c['alt_name']} | {bw:.1f} / {bc:.1f} "
+        lines.append(f"| {c['piece']} | {n} | {aw:.1f} / {ac:.1f} | {c['alt_name']} ({c['ref']}) | {bw:.1f} / {bc:.1f} "
                      f"| {n * (aw - bw):.1f} / {n * (ac - bc):.1f} |")
     return "\n".join(lines)
 
 
 def cost_reading(costs: list[dict], results: list[Result]) -> list[str]:
-    """How much of the autotp − (b) gap the pieces account for."""
+    """How much of the autotp − (b) gap the (b) pieces account for; what DeepSpeed's head split would cost."""
     by = {r.spec.name: r for r in results if r.median_ms is not None}
-    if not costs or "autotp" not in by or "hand" not in by:
-        return []
-    wall = sum(c["calls"] * (c["autotp"][0] - c["alt"][0]) for c in costs)
-    cpu = sum(c["calls"] * (c["autotp"][1] - c["alt"][1]) for c in costs)
-    a, b = by["autotp"], by["hand"]
-    return [f"Together these pieces cost autotp {wall:.0f} ms wall ({cpu:.0f} ms CPU) per forward more than the "
-            f"alternatives; the measured gap between autotp and (b) is {a.median_ms - b.median_ms:.0f} ms wall "
-            f"(median), {a.cpu_ms - b.cpu_ms:.0f} ms CPU."]
+    out = []
+    mine = [c for c in costs if c["ref"] == "b"]
+    if mine and "autotp" in by and "hand" in by:
+        wall = sum(c["calls"] * (c["autotp"][0] - c["alt"][0]) for c in mine)
+        cpu = sum(c["calls"] * (c["autotp"][1] - c["alt"][1]) for c in mine)
+        a, b = by["autotp"], by["hand"]
+        out.append(f"Together the (b) rows cost autotp {wall:.0f} ms wall ({cpu:.0f} ms CPU) per forward against "
+                   f"(b)'s ways; the measured gap between autotp and (b) is {a.median_ms - b.median_ms:.0f} ms wall "
+                   f"(median), {a.cpu_ms - b.cpu_ms:.0f} ms CPU.")
+    for c in costs:
+        if c["ref"] == "e":
+            d = c["autotp"][0] - c["alt"][0]
+            out.append(f"Splitting the LM head by input features and summing the full logits, as DeepSpeed does, "
+                       f"would take {abs(d):.0f} ms {'less' if d > 0 else 'more'} per forward than autotp's split "
+                       f"(wall, same transport).")
+    return out
 
 
 def _ratio(ms: float, base: Result | None) -> str:
@@ -184,8 +192,13 @@ def reading(results: list[Result], tp: int) -> list[str]:
     ds = by.get("deepspeed")
     if ds and b and ds.median_ms < b.median_ms and ds.counts.get("all_reduce", 0) >= sum(b.counts.values()):
         out.append(f"DeepSpeed beats (b) with as many collectives ({fmt_counts(ds.counts)}) and the same layer "
-                   f"split: its all-reduces run through its own shared-memory kernel, the others' through gloo "
+                   f"split: its all-reduces run through its own shared-memory kernel, (b)'s through gloo "
                    f"over TCP loopback.")
+    if a and "autotp_gloo" in by:
+        g = by["autotp_gloo"]
+        out.append(f"autotp's shared-memory transport (on by default for ranks on one host) takes "
+                   f"{a.median_ms / g.median_ms:.3f}× the time of the same plan with every collective on gloo "
+                   f"(`AUTOTP_SHM=0`).")
     return out
 
 
@@ -221,10 +234,12 @@ How each system is set up (all from the same seeded dense model, fp32, `torch.no
 
 - **(a) autotp**: `autotp.parallelize(model, tp=2)`, nothing else. Its plan (derived from the graph):
   q/k/v/gate/up column, o/down row (one all-reduce each), token embedding sharded by vocabulary rows
-  (one all-reduce), LM head column-sharded with its logits all-gathered (on gloo: a zero-padded
-  all-reduce).
-- **(a+) autotp with `AUTOTP_SHM=1`**: the same plan; its all-reduces go through a buffer in
-  `/dev/shm` that the two ranks share (`autotp.shm`) instead of gloo over TCP loopback.
+  (one all-reduce), LM head column-sharded with its logits all-gathered. The ranks share this host,
+  so its collectives go through a buffer in `/dev/shm` that they map (`autotp.shm`, the default for
+  gloo groups on one host), and without autograd the LM head computes its local logits straight
+  into that buffer, its output's memory reused once the previous logits are dropped (`autotp.buffers`).
+- **(a-) autotp with `AUTOTP_SHM=0`**: the same plan with every collective on gloo over TCP
+  loopback (the logits gathered by a zero-padded all-reduce).
 - **(b) hand-written Megatron swap**, the speed reference: `nn.Linear` modules replaced by sliced
   copies: q/k/v/gate/up by output rows, o/down by input columns followed by an in-place
   `torch.distributed.all_reduce`; the LM head sliced by vocabulary rows, each rank writing its logits

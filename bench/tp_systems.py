@@ -84,11 +84,11 @@ def setup_autotp(model: nn.Module, rank: int, tp: int) -> Prepared:
     return Prepared(hf_forward(model), model)
 
 
-def setup_autotp_shm(model: nn.Module, rank: int, tp: int) -> Prepared:
-    """autotp with its shared-memory all-reduce (AUTOTP_SHM=1: the ranks share this host)."""
+def setup_autotp_gloo(model: nn.Module, rank: int, tp: int) -> Prepared:
+    """autotp with its shared-memory transport turned off (AUTOTP_SHM=0): every collective on gloo."""
     import os
 
-    os.environ["AUTOTP_SHM"] = "1"
+    os.environ["AUTOTP_SHM"] = "0"
     return setup_autotp(model, rank, tp)
 
 
@@ -211,7 +211,7 @@ def setup_deepspeed(model: nn.Module, rank: int, tp: int) -> Prepared:
 
 SYSTEMS: dict[str, Callable[[nn.Module, int, int], Prepared]] = {
     "autotp": setup_autotp,
-    "autotp_shm": setup_autotp_shm,
+    "autotp_gloo": setup_autotp_gloo,
     "hand": setup_hand,
     "hand_textbook": setup_hand_textbook,
     "dtensor": setup_dtensor,
@@ -249,7 +249,8 @@ def count_collectives(forward: Forward, ids: torch.Tensor) -> tuple[dict[str, in
 
     Only events on the thread that runs the forward count (gloo runs the transfer on its own
     threads), and nested events (``_c10d_functional::all_reduce`` calling ``c10d::allreduce_``)
-    are one collective: an event inside another collective event is skipped.
+    are one collective: an event inside another collective event is skipped. Matmuls inside one
+    (autotp's LM head computes its logits into shared memory within its gather) are not its time.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -260,13 +261,15 @@ def count_collectives(forward: Forward, ids: torch.Tensor) -> tuple[dict[str, in
     caller = next(e.thread for e in evs if e.name == _MARK)
     events = sorted((e for e in evs if e.thread == caller and collective_kind(e.name)),
                     key=lambda e: (e.time_range.start, -e.time_range.end))
+    matmuls = [e for e in evs if e.thread == caller and e.name in ("aten::mm", "aten::addmm")]
     counts: dict[str, int] = {}
     open_until, us = -1.0, 0.0
     for e in events:
         if e.time_range.start < open_until:
             continue
         open_until = e.time_range.end
-        us += e.time_range.elapsed_us()
+        us += e.time_range.elapsed_us() - sum(m.time_range.elapsed_us() for m in matmuls if
+                                              e.time_range.start <= m.time_range.start < e.time_range.end)
         kind = collective_kind(e.name)
         counts[kind] = counts.get(kind, 0) + 1
     return counts, us / 1e3

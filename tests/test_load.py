@@ -417,7 +417,8 @@ def test_killed_rank_makes_the_other_raise(main, root):
     with pytest.raises(RuntimeError) as err:
         run_ranks(killed_mid_load, 2, os.path.join(root, "gpt2"), plan, os.path.join(root, "died"), timeout=300)
     msg = str(err.value)  # rank 0's error arrives first: run_ranks raises it without waiting for its timeout
-    assert "rank 0 failed" in msg and "after rank 1 exited" in msg and "Connection closed by peer" in msg, msg
+    assert "rank 0 failed" in msg and "after rank 1 exited" in msg, msg
+    assert "Connection closed by peer" in msg or "Connection reset by peer" in msg, msg  # gloo words it either way
     assert float(msg.split("RankError ")[1].split(" s after")[0]) < 20, msg
 
 
