@@ -201,9 +201,8 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Elsewhere (and while profiling, which times the matmul and the gather apart): the linear, then
     :func:`all_gather_last`. Counted as one all-gather either way.
     """
-    s = shared_memory_of(group)
-    if (s is None or _DRY[0] or x.device.type != "cpu" or _TALLY[0] is not None or torch.compiler.is_compiling()
-            or x.dtype != weight.dtype):
+    s = None if torch.compiler.is_compiling() or _DRY[0] else shared_memory_of(group)
+    if s is None or x.device.type != "cpu" or _TALLY[0] is not None or x.dtype != weight.dtype:
         if in_out:
             y = x @ weight
             y = y + bias if bias is not None else y

@@ -122,16 +122,16 @@ class ShmSum:
         self.pids = [pid for _, pid, _, _ in info]
         self.check_pids = len({ns for _, _, ns, _ in info}) == 1 and info[0][2] is not None  # same pid namespace
         self.spin = 2000 if self.world <= len(os.sched_getaffinity(0)) else 20  # fewer cores than ranks: yield soon
-        made: list = [None]
-        if self.rank == 0:
-            made = [self._make(slot_bytes)]
-        dist.broadcast_object_list(made, src=dist.get_global_rank(group, 0), group=group)
-        path, slot, token, why = made[0]
-        buf = _attach(path, _layout(self.world, slot)[1], token) if path else None
-        ok: list = [None] * self.world
-        dist.all_gather_object(ok, buf is not None, group=group)
-        if path and self.rank == 0:
-            os.unlink(path)  # the name goes now; the mappings stay until every rank exits
+        made: list = [self._make(slot_bytes) if self.rank == 0 else None]
+        try:
+            dist.broadcast_object_list(made, src=dist.get_global_rank(group, 0), group=group)
+            path, slot, token, why = made[0]
+            buf = _attach(path, _layout(self.world, slot)[1], token) if path else None
+            ok: list = [None] * self.world
+            dist.all_gather_object(ok, buf is not None, group=group)
+        finally:
+            if self.rank == 0 and made[0][0]:
+                os.unlink(made[0][0])  # the name goes now (or on an error); the mappings stay until every rank exits
         if not all(ok):
             why = why or f"ranks {[r for r, o in enumerate(ok) if not o]} cannot map rank 0's file {path}"
             raise RuntimeError(f"shared memory for this {self.world}-rank group: {why}")
@@ -143,7 +143,10 @@ class ShmSum:
 
     def _make(self, want: int) -> tuple[str | None, int, bytes, str | None]:
         """Rank 0: create the file. (path, slot bytes, token, why not)."""
-        st = os.statvfs("/dev/shm")
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError as e:
+            return None, 0, b"", f"cannot read /dev/shm: {e}"
         slot = slot_size(want, st.f_bavail * st.f_frsize, self.world)
         if not slot:
             return None, 0, b"", f"/dev/shm has {st.f_bavail * st.f_frsize >> 20} MB free, too little"

@@ -128,9 +128,9 @@ def cost_reading(costs: list[dict], results: list[Result]) -> list[str]:
         wall = sum(c["calls"] * (c["autotp"][0] - c["alt"][0]) for c in mine)
         cpu = sum(c["calls"] * (c["autotp"][1] - c["alt"][1]) for c in mine)
         a, b = by["autotp"], by["hand"]
-        out.append(f"Together the (b) rows cost autotp {wall:.0f} ms wall ({cpu:.0f} ms CPU) per forward against "
-                   f"(b)'s ways; the measured gap between autotp and (b) is {a.median_ms - b.median_ms:.0f} ms wall "
-                   f"(median), {a.cpu_ms - b.cpu_ms:.0f} ms CPU.")
+        out.append(f"Together the (b) rows come to {wall:+.0f} ms wall ({cpu:+.0f} ms CPU) per forward for autotp "
+                   f"against (b)'s ways (negative: autotp's are faster); the measured gap between autotp and (b) is "
+                   f"{a.median_ms - b.median_ms:+.0f} ms wall (median), {a.cpu_ms - b.cpu_ms:+.0f} ms CPU.")
     for c in costs:
         if c["ref"] == "e":
             d = c["autotp"][0] - c["alt"][0]

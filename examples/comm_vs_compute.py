@@ -79,8 +79,9 @@ def main() -> None:
         world, rank = 2, 0
         lines = run_ranks(measure, world, timeout=600)[0]
     if rank == 0:
-        print(f"tp={world}, {TOKENS[0]}x{TOKENS[1]} tokens, float32, gloo on one machine, one thread per rank "
-              f"(rank 0's times, mean of {REPS})")
+        via = "shared memory" if autotp.shm.wanted() else "gloo over loopback (AUTOTP_SHM=0)"
+        print(f"tp={world}, {TOKENS[0]}x{TOKENS[1]} tokens, float32, a gloo group on one machine, collectives "
+              f"through {via}, one thread per rank (rank 0's times, mean of {REPS})")
         print("\n".join(lines))
 
 

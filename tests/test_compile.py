@@ -53,7 +53,11 @@ def compiled_vs_eager(rank: int, world: int, backend: str) -> dict:
         t2 = time.perf_counter()
         g, counted = _grads(model), sum(collectives.COUNTS.values())
         eager_s, compiled_s = _mean_forward_s(model, x), _mean_forward_s(compiled, x)
+        with torch.no_grad():  # inference: eager computes the LM head into shared memory, compiled code cannot
+            y_inf, y_inf_eager = compiled(x), model(x)
         out[name] = dict(out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(),
+                         no_grad_diff=max((y_inf - y_inf_eager).abs().max().item(),
+                                          (y_inf_eager - y_ref).abs().max().item()),
                          grad_diff=max((g[k] - g_ref[k]).abs().max().item() for k in g_ref),
                          same_grads=sorted(g) == sorted(g_ref), compile_fwd_s=t1 - t0, compile_bwd_s=t2 - t1,
                          eager_s=eager_s, compiled_s=compiled_s, counted=counted)
@@ -71,6 +75,7 @@ def test_compiled_equals_eager(ranks, name):
         r = res[name]
         assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (BACKEND, rank, name, r)
         assert r["same_grads"] and r["grad_diff"] <= 1e-5, (BACKEND, rank, name, r)
+        assert r["no_grad_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (BACKEND, rank, name, r)
         assert r["counted"] == 0, r  # compiled code keeps no Python side effects: collectives are not counted
         print(f"{BACKEND} {name} rank {rank}: compile {r['compile_fwd_s']:.1f} s forward + {r['compile_bwd_s']:.1f} s "
               f"backward; forward {r['eager_s'] * 1e3:.2f} ms eager, {r['compiled_s'] * 1e3:.2f} ms compiled")
