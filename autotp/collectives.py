@@ -132,12 +132,19 @@ def use_shared_memory(group) -> bool:
     return True
 
 
+def _profiling() -> bool:
+    """Whether torch.profiler records now (shared-memory collectives then mark their spans by name)."""
+    return torch._C._autograd._profiler_enabled()
+
+
 def _sum(y: torch.Tensor, group) -> torch.Tensor:
     """``y`` summed over ``group`` in place (eager)."""
     s = shared_memory_of(group)
     if s is None or y.device.type != "cpu":
         dist.all_reduce(y, group=group)
         return y
+    if not _profiling():
+        return s(y)
     with torch.profiler.record_function("autotp::shm_all_reduce"):
         return s(y)
 
@@ -151,6 +158,8 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
     s = shared_memory_of(group)
     if s is not None and x.device.type == "cpu":
+        if not _profiling():
+            return s.gather_last(x.contiguous())
         with torch.profiler.record_function("autotp::shm_all_gather"):
             return s.gather_last(x.contiguous())
     if str(dist.get_backend(group)) == "gloo":
@@ -220,8 +229,11 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         else:
             torch.addmm(bias, rows[a:b], w, out=out)
 
-    with torch.profiler.record_function("autotp::shm_linear_all_gather"):
+    if not _profiling():
         out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
+    else:
+        with torch.profiler.record_function("autotp::shm_linear_all_gather"):
+            out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
     return out.view(*x.shape[:-1], n * tp)
 
 

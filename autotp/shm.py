@@ -140,6 +140,7 @@ class ShmSum:
         self.data = torch.frombuffer(buf, dtype=torch.uint8, count=self.world * slot, offset=start).view(self.world, slot)
         self._flags = memoryview(buf)[_PAGE:start].cast("q")  # [phase][rank] at one line each: cheap to poll
         self.seq = 0
+        self._views: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _make(self, want: int) -> tuple[str | None, int, bytes, str | None]:
         """Rank 0: create the file. (path, slot bytes, token, why not)."""
@@ -159,17 +160,28 @@ class ShmSum:
             return None, 0, b"", f"cannot create {path}: {e}"
         return path, slot, token, None
 
+    def _slots(self, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+        """The first ``nbytes`` of every rank's slot as ``dtype``, ``(world, nbytes / size)``; cached per size,
+        since building the views costs more than summing a decode step's activations."""
+        key = (nbytes, dtype)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) > 256:
+                self._views.clear()
+            v = self._views[key] = self.data[:, :nbytes].view(dtype)
+        return v
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` (contiguous, on the CPU) over the ranks, in place; returns ``x``."""
         flat = x.view(-1)
-        per = self.slot // x.element_size()
+        size = x.element_size()
+        per = self.slot // size
         for off in range(0, flat.numel(), per):
-            part = flat[off:off + per]
-            n = part.numel() * x.element_size()
+            part = flat[off:off + per] if flat.numel() > per else flat
+            slots = self._slots(part.numel() * size, x.dtype)
             self.seq += 1
-            self.data[self.rank, :n].view(x.dtype).copy_(part)
+            slots[self.rank].copy_(part)
             self._wait(0)
-            slots = self.data[:, :n].view(x.dtype)
             if self.world == 2:
                 torch.add(slots[0], slots[1], out=part)
             else:
@@ -197,11 +209,11 @@ class ShmSum:
                              f"set AUTOTP_SHM_BYTES higher or AUTOTP_SHM=0")
         for a in range(0, rows, per):
             k = min(per, rows - a)
+            slots = self._slots(k * n * size, dtype).view(self.world, k, n)
             self.seq += 1
-            compute(a, a + k, self.data[self.rank, :k * n * size].view(dtype).view(k, n))
+            compute(a, a + k, slots[self.rank])
             self._wait(0)
-            src = self.data[:, :k * n * size].view(dtype).view(self.world, k, n).transpose(0, 1)
-            out[a:a + k].view(k, self.world, n).copy_(src)
+            (out[a:a + k] if k < rows else out).view(k, self.world, n).copy_(slots.transpose(0, 1))
             self._wait(1)
         return out
 
@@ -211,9 +223,8 @@ class ShmSum:
     def _wait(self, phase: int) -> None:
         seq, flags, base = self.seq, self._flags, phase * self.world * _LINE
         flags[base + self.rank * _LINE] = seq
-        lines = range(base, base + self.world * _LINE, _LINE)
         spins, start = 0, None
-        while any(flags[i] < seq for i in lines):
+        while min(flags[base:base + self.world * _LINE:_LINE]) < seq:
             spins += 1
             if spins < self.spin:
                 continue

@@ -2,6 +2,7 @@
 
     python bench/side_by_side.py                 # full size; writes docs/benchmarks.md
     python bench/side_by_side.py --quick         # small smoke run; prints the table only
+    python bench/side_by_side.py --seq 32 --new-tokens 32   # greedy generate(); docs/benchmarks_generate.md
 
 Systems: autotp, a hand-written Megatron module swap (the speed reference), PyTorch
 ``parallelize_module`` (DTensor) with the same plan, transformers' own TP, DeepSpeed AutoTP, and the
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from sbs_report import (TOLERANCE, TP, TP_SYSTEMS, Result, Spec, first_line, cost_reading, cost_table, document,
                         fmt_counts, reading, table)
-from tp_systems import ModelSize, build_inputs, build_model, count_collectives, param_bytes, SYSTEMS
+from tp_systems import ModelSize, build_inputs, build_model, count_collectives, generating, param_bytes, SYSTEMS
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ModelSize(hidden=256, layers=2, heads=8, kv_heads=4, intermediate=704, vocab=4000, batch=2, seq=64)
@@ -59,6 +60,8 @@ class Worker:
         self.ids = build_inputs(size)
         t0 = time.perf_counter()
         self.prepared = SYSTEMS[spec.system](build_model(size), rank, spec.world)
+        if size.new_tokens:
+            self.prepared = generating(self.prepared, size.new_tokens)
         self.setup_s = time.perf_counter() - t0
         with torch.no_grad():
             for _ in range(warmup):
@@ -266,7 +269,7 @@ def run(specs: list[Spec], size: ModelSize, reps: int, warmup: int, say, *,
                 r.peak_rss_mb = max(s["peak_rss_mb"] for s in st)
                 r.rss_mb = max(s["rss_mb"] for s in st)
             costs = []
-            if "autotp" in groups and not results["autotp"].wrong:
+            if "autotp" in groups and not results["autotp"].wrong and not size.new_tokens:  # forward shapes
                 say("breaking autotp's communication costs down...")
                 costs = _merge_ranks(groups["autotp"].ask("breakdown", max(3, reps // 2)))
         finally:
@@ -323,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     size = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelSize)
                                         if getattr(args, f.name) is not None})
     args.reps = args.reps or (5 if args.quick else 15)
-    out = args.out if args.out is not None else (None if args.quick else ROOT / "docs" / "benchmarks.md")
+    doc = "benchmarks_generate.md" if size.new_tokens else "benchmarks.md"
+    out = args.out if args.out is not None else (None if args.quick else ROOT / "docs" / doc)
     specs = [Spec("dense", "dense", 1, 1)] + [Spec(s, s, TP) for s in args.systems]
     if not args.no_threads_row:
         specs.append(Spec("dense2", "dense", 1, TP))

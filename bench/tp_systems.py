@@ -37,6 +37,18 @@ class ModelSize:
     batch: int = 4
     seq: int = 256
     seed: int = 0
+    new_tokens: int = 0  # 0: one forward's logits, no KV cache; N: greedy generate() of N tokens with one
+
+
+def generating(prepared: "Prepared", new_tokens: int) -> "Prepared":
+    """The same system timed on greedy ``generate()`` of ``new_tokens`` tokens (KV cache, no early stop):
+    its output is the token ids, prompt included. Every system here holds a Hugging Face model in
+    ``module`` whose forward it has swapped, so its ``generate`` runs the sharded layers."""
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        return prepared.module.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    return Prepared(run, prepared.module)
 
 
 @dataclass
