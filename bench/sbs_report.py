@@ -305,7 +305,9 @@ def document(results: list[Result], costs: list[dict], size: ModelSize, args: ar
         "Measured in the same run, inside autotp's ranks, on the model's shapes (`bench/autotp_costs.py`): each",
         "piece of autotp's communication against the cheapest way found to get the same tensor.",
         "",
-        cost_table(costs) if costs else "(not measured: autotp did not run)",
+        cost_table(costs) if costs else ("(not measured when timing generate(): the pieces are measured on one "
+                                         "forward's shapes, in docs/benchmarks.md)" if size.new_tokens
+                                         else "(not measured: autotp did not run)"),
         "",
         *[f"- {s}" for s in cost_reading(costs, results)],
         "",
