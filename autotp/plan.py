@@ -156,6 +156,16 @@ def glob_of(path: str) -> str:
     return ".".join("*" if p.isdigit() else p for p in path.split("."))
 
 
+def common_path(paths: list[str]) -> str:
+    """The longest dotted prefix every path shares: ``h.0.attn.q``, ``h.0.mlp`` -> ``h.0``."""
+    out = []
+    for parts in zip(*(p.split(".") for p in paths)):
+        if len(set(parts)) != 1:
+            break
+        out.append(parts[0])
+    return ".".join(out)
+
+
 def compress(entries: list[Entry]) -> list[Entry]:
     """Write repeated layers once, as a glob, when every instance has the same line."""
     def key(e: Entry) -> tuple[str, str | None]:  # 'slice' lines may sit beside another line of the module

@@ -9,14 +9,13 @@ rule that says "no" demotes the group to replicate, with the reason recorded.
 from __future__ import annotations
 
 import heapq
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
 
-from .errors import ShardingError
-from .plan import Entry, Plan, compress, glob_of, summarize
+from .explain import describe, indivisible_error, where
+from .plan import Entry, Plan, common_path, compress, glob_of, summarize
 from .layouts import Need, NoRule, Rep, Shard
 from .rules import rule_for
 from .sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
@@ -220,7 +219,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                 if ent is not None and ent not in new:
                     new.append(ent)
                     continue
-                err = NoRule(f"{_where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
+                err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
                              f"{op_name(e.node)}, and no column projection produces it")
                 err.node = e.node
             except Rep as e:
@@ -239,7 +238,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                                                         "output: its features sharded, all-gathered after it")
             continue
         if err is not None:
-            why = _describe(c, err)
+            why = describe(c, err)
             if err.sizes:
                 indivisible.append((cols, err))
             for x in cols:
@@ -253,13 +252,13 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         all_reps.update(reps)
         analysis.groups.append((cols, rows))
         segments.update(g.segs)
-        gname = glob_of(_common([x.module for x in cols + rows]))
+        gname = glob_of(common_path([x.module for x in cols + rows]))
         for x in cols:
             roles[x.node], reasons[x.node] = "colwise", f"opens group {gname or '<root>'}"
         for x in rows:
             roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
     if strict and indivisible:
-        raise _indivisible_error(indivisible, tp)
+        raise indivisible_error(indivisible, tp)
     vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
     sharded = [p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise", "gather")
                for p in (s.weight, s.bias) if p] + [lk.weight for lk in lookups if vocab[lk.node] is None]
@@ -372,44 +371,3 @@ def _producers(c: Captured, sites: dict[fx.Node, Site], v: fx.Node) -> list[Site
             continue
         fx.node.map_arg((n.args, n.kwargs), stack.append)
     return sorted(out, key=lambda s: c.order[s.node])
-
-
-def _describe(c: Captured, e: Exception) -> str:
-    n = getattr(e, "node", None)
-    text = str(getattr(e, "reason", e))
-    if n is None:
-        return text
-    if n.op == "output":
-        return "the model's output would be sharded"
-    where = _where(c, n)
-    text = re.sub(r"\s*\(at [\w.]+\)", "", text).replace(f"{n.name} ({n.target})", where)
-    text = re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", where, text, count=1)
-    return text if where in text else f"{where}: {text}"
-
-
-def _where(c: Captured, n: fx.Node) -> str:
-    """A node as a reader sees it: its op and the module (glob) it runs in, not its graph-local name."""
-    if n.op == "placeholder":
-        return f"input '{n.target}'"
-    return f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
-
-
-def _common(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for xs in zip(*parts):
-        if len(set(xs)) != 1:
-            break
-        out.append(xs[0])
-    return ".".join(out)
-
-
-def _indivisible_error(fails: list, tp: int) -> ShardingError:
-    sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
-    ok = [t for t in range(1, max(sizes) + 1) if all(s % t == 0 for s in sizes)]
-    cols, e = fails[0]
-    mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
-    return ShardingError(
-        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}. "
-        f"tp values that divide them: {ok}. Fix: use one of those tp values, or edit the plan to "
-        f"replicate these modules.")

@@ -32,6 +32,7 @@ from . import collectives, hf, zoo
 from .api import parallelize
 from .errors import AutoTPError
 from .layers import ColumnParallelLinear, RowParallelLinear
+from .plan import common_path
 from .parity import call, main_tensor
 
 PHASES = ("forward", "backward")
@@ -345,19 +346,9 @@ def _pass(phase: str, rec: _Recorder, tally: collectives.Tallies, reps: int) -> 
 def _names(units: dict[str, _Unit]) -> dict[str, str]:
     """A group is named by the module holding all its layers (``h.0.attn``), or by its row layer when that
     module holds several groups or is the model itself; other units by their module."""
-    holder = {k: _common_parent(u.layers) for k, u in units.items() if u.kind == "group"}
+    holder = {k: common_path([p.rpartition('.')[0] for p in u.layers]) for k, u in units.items() if u.kind == "group"}
     taken = Counter(holder.values())
     return {k: holder[k] if holder.get(k) and taken[holder[k]] == 1 else k for k in units}
-
-
-def _common_parent(paths: tuple[str, ...]) -> str:
-    parents = [p.split(".")[:-1] for p in paths]
-    common = []
-    for parts in zip(*parents):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
 
 
 def sized_inputs(model: nn.Module, inputs: Any, batch: int | None = None, seq: int | None = None) -> Any:

@@ -19,7 +19,8 @@ from .errors import PlanMismatchError, ShardingError
 from .hf import default_inputs
 from .layouts import Need, NoRule, Rep, Shard
 from .plan import Entry, Plan, glob_of
-from .planner import Analysis, _describe, _Grower, _producers
+from .explain import describe
+from .planner import Analysis, _Grower, _producers
 from .slicing import inside
 from .rewrite import resolve, resolve_slices
 from .rules import rule_for
@@ -252,7 +253,7 @@ class _Checker:
                      f"{e.rep} ranks), or replicate that group")
         except NoRule as e:
             e.node = n
-            self.add(f"{self._from(n)} cannot go on sharded: {_describe(self.c, e)}. Fix: close the group before "
+            self.add(f"{self._from(n)} cannot go on sharded: {describe(self.c, e)}. Fix: close the group before "
                      f"it with a rowwise line, or replicate the lines of that group")
         return None
 
@@ -260,7 +261,7 @@ class _Checker:
         try:
             self.g._settle_segments()
         except NoRule as e:
-            self.add(f"{self._from(e.node)}: {_describe(self.c, e)}. Fix: replicate that group")
+            self.add(f"{self._from(e.node)}: {describe(self.c, e)}. Fix: replicate that group")
             return
         for s in self.sites.values():
             e = self.entry(s.module)
