@@ -18,11 +18,13 @@ from .hf import default_inputs
 from .localize import install, trace_localized
 from .plan import Entry, Plan, compress, glob_of, glob_regex, load_plan, summarize
 from .planner import Analysis, plan_graph
-from .ranks import group_size
+from .ranks import all_ranks, group_size
 from .rewrite import apply_patches, resolve, slice_inputs, sum_grads, swap_layers
 from .trace import Captured, capture, meta_copy
 
 log = logging.getLogger(__name__)
+
+AGREE_S = 600.0  # how long a rank that finished parallelize waits for the others to finish theirs
 
 
 def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True,
@@ -343,23 +345,24 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
             return model
         raise GroupError("no process group is initialized: call torch.distributed.init_process_group("
                          "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
-    example_inputs = default_inputs(model, example_inputs)
     group, tp = group_size(group, tp)
-    if isinstance(plan, (str, Path)):
-        plan = load_plan(plan)
-    given = plan is not None
-    if plan is None:
-        plan = make_plan(model, tp, example_inputs=example_inputs)
-    if plan.tp != tp:
-        raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
-                                f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
-    if given and tp > 1:
-        _check_given(model, plan, example_inputs)
     rank = dist.get_rank(group)
-    if tp > 1:
-        _apply(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
-        if shm.wanted():
-            collectives.use_shared_memory(group)
+    with all_ranks(group if tp > 1 else None, "parallelize", AGREE_S):  # an error on one rank stops every rank
+        example_inputs = default_inputs(model, example_inputs)
+        if isinstance(plan, (str, Path)):
+            plan = load_plan(plan)
+        given = plan is not None
+        if plan is None:
+            plan = make_plan(model, tp, example_inputs=example_inputs)
+        if plan.tp != tp:
+            raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
+                                    f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
+        if given and tp > 1:
+            _check_given(model, plan, example_inputs)
+        if tp > 1:
+            _apply(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+    if tp > 1 and shm.wanted():
+        collectives.use_shared_memory(group)
     model._autotp_plan = plan  # what autotp.save_sharded writes beside the local weights
     if rank == 0:
         n = sum(1 for e in plan.entries if e.style in ("colwise", "rowwise"))

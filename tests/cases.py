@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
@@ -145,4 +146,13 @@ def bad_group_inputs(rank: int, world: int) -> dict:
             out[key] = None
         except autotp.AutoTPError as e:
             out[key] = f"{type(e).__name__}: {e}"
+    other, ids = build("nanogpt")  # rank 1 alone passes the plan of another model: it fails, rank 0 is told
+    wrong = autotp.make_plan(other, world, example_inputs=(ids,)) if rank == 1 else None
+    t0 = time.monotonic()
+    try:
+        autotp.parallelize(model, world, plan=wrong, example_inputs=(x,))
+        out["one_rank"] = None
+    except autotp.AutoTPError as e:
+        out["one_rank"] = f"{type(e).__name__}: {e}"
+    out["one_rank_s"] = time.monotonic() - t0
     return out

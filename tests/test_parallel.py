@@ -55,6 +55,11 @@ def test_collectives_and_memory(results, name):
 def test_tp_must_equal_group_size():
     from cases import bad_group_inputs
 
-    for res in run_ranks(bad_group_inputs, 2, timeout=120):
+    r0, r1 = run_ranks(bad_group_inputs, 2, timeout=120)
+    for res in (r0, r1):
         assert res["tp"].startswith("GroupError") and "tp=4" in res["tp"] and "2 ranks" in res["tp"], res
         assert res["plan_tp"].startswith("PlanMismatchError") and "tp=4" in res["plan_tp"], res
+    # an error on one rank only: that rank raises it, the other is told at once instead of waiting in a collective
+    assert r1["one_rank"].startswith("PlanMismatchError"), r1["one_rank"]
+    assert r0["one_rank"].startswith("RankError") and "parallelize failed on rank [1]" in r0["one_rank"], r0["one_rank"]
+    assert r0["one_rank_s"] < 60, r0
