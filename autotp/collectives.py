@@ -1,13 +1,15 @@
 """Megatron's f/g pair as autograd functions over torch.distributed collectives.
 
-Eager code calls ``dist.all_reduce`` in place (on the layer's own output when it owns it); code
-compiled by ``torch.compile`` uses the functional collectives, which dynamo traces.
+Eager code sums in place (on the layer's own output when it owns it): through the group's shared
+memory (``autotp.shm``, ranks on one host) or ``dist.all_reduce``. Code compiled by
+``torch.compile`` uses the functional collectives, which dynamo traces.
 
 ``copy_to_tp``   (f): identity forward, all-reduce of the gradient backward.
 ``reduce_from_tp`` (g): all-reduce forward, identity backward.
 ``gather_from_tp``: all-gather of the last dim forward, this rank's slice of the gradient backward.
 
-Every collective goes through :func:`all_reduce` or :func:`all_gather_last`, which count calls and
+Every collective goes through :func:`all_reduce`, :func:`all_gather_last` or :func:`gather_linear`
+(an LM head's matmul and gather in one, without autograd), which count calls and
 bytes (``COUNTS``, in eager mode: not inside ``torch.compile``d code) so tests can assert exactly how
 much communication a forward/backward costs.
 Inside :func:`timed` (the profiler) each one is also timed and tallied under the label set by
