@@ -24,9 +24,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if numel * dtype.itemsize < MIN_BYTES or _use_count is None:
         return torch.empty(shape, dtype=dtype)
     kept = _kept.get(dtype)
-    if kept is not None and kept.numel() >= numel and _free(kept):
-        return kept[:numel].view(shape)
-    kept = _kept[dtype] = torch.empty(numel, dtype=dtype)
+    if kept is None or kept.numel() < numel or not _free(kept):
+        kept = _kept[dtype] = torch.empty(numel, dtype=dtype)
     return kept[:numel].view(shape)
 
 

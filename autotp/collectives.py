@@ -9,7 +9,7 @@ memory (``autotp.shm``, ranks on one host) or ``dist.all_reduce``. Code compiled
 ``gather_from_tp``: all-gather of the last dim forward, this rank's slice of the gradient backward.
 
 Every collective goes through :func:`all_reduce`, :func:`all_gather_last` or :func:`gather_linear`
-(an LM head's matmul and gather in one, without autograd), which count calls and
+(an LM head's matmul and gather in one, on shared memory without autograd), which count calls and
 bytes (``COUNTS``, in eager mode: not inside ``torch.compile``d code) so tests can assert exactly how
 much communication a forward/backward costs.
 Inside :func:`timed` (the profiler) each one is also timed and tallied under the label set by
@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 
 from . import buffers
 
@@ -134,9 +133,10 @@ def use_shared_memory(group) -> bool:
     return True
 
 
-def _profiling() -> bool:
-    """Whether torch.profiler records now (shared-memory collectives then mark their spans by name)."""
-    return torch._C._autograd._profiler_enabled()
+def _span(name: str) -> contextlib.AbstractContextManager:
+    """A named torch.profiler span while a profiler records (shared-memory collectives have no op of
+    their own to show); nothing otherwise, since opening one costs more than a decode step's sum."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def _sum(y: torch.Tensor, group) -> torch.Tensor:
@@ -145,9 +145,7 @@ def _sum(y: torch.Tensor, group) -> torch.Tensor:
     if s is None or y.device.type != "cpu":
         dist.all_reduce(y, group=group)
         return y
-    if not _profiling():
-        return s(y)
-    with torch.profiler.record_function("autotp::shm_all_reduce"):
+    with _span("autotp::shm_all_reduce"):
         return s(y)
 
 
@@ -160,9 +158,7 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
     s = shared_memory_of(group)
     if s is not None and x.device.type == "cpu":
-        if not _profiling():
-            return s.gather_last(x.contiguous())
-        with torch.profiler.record_function("autotp::shm_all_gather"):
+        with _span("autotp::shm_all_gather"):
             return s.gather_last(x.contiguous())
     if str(dist.get_backend(group)) == "gloo":
         shape = (*x.shape[:-1], n * tp)
@@ -204,22 +200,17 @@ def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
 
 
 def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_out: bool, group,
-                  tp: int) -> torch.Tensor:
-    """The all-gathered output of a column-split linear (an LM head), for forwards without autograd.
-
-    On a shared-memory group each piece of rows is computed straight into this rank's slot: the
-    local logits are never a tensor of their own, and are copied once, into the full-width output.
-    Elsewhere (and while profiling, which times the matmul and the gather apart): the linear, then
-    :func:`all_gather_last`. Counted as one all-gather either way.
+                  tp: int) -> torch.Tensor | None:
+    """The all-gathered output of a column-split linear (an LM head), for forwards without autograd,
+    computed on a shared-memory group: each piece of rows goes straight into this rank's slot, so the
+    local logits are never a tensor of their own and are copied once, into the full-width output.
+    Counted as one all-gather. None where that does not apply (no shared memory, not on the CPU,
+    compiled, dry, or profiling, which times the matmul and the gather apart): the caller runs its
+    linear and :func:`all_gather_last` instead.
     """
     s = None if torch.compiler.is_compiling() or _DRY[0] else shared_memory_of(group)
     if s is None or x.device.type != "cpu" or _TALLY[0] is not None or x.dtype != weight.dtype:
-        if in_out:
-            y = x @ weight
-            y = y + bias if bias is not None else y
-        else:
-            y = F.linear(x, weight, bias)
-        return all_gather_last(y, group, tp)
+        return None
     w = weight if in_out else weight.t()  # (in, n)
     rows, n = x.reshape(-1, x.shape[-1]), w.shape[1]
     COUNTS["all_gather.forward"] += 1
@@ -231,11 +222,8 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         else:
             torch.addmm(bias, rows[a:b], w, out=out)
 
-    if not _profiling():
+    with _span("autotp::shm_linear_all_gather"):
         out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
-    else:
-        with torch.profiler.record_function("autotp::shm_linear_all_gather"):
-            out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
     return out.view(*x.shape[:-1], n * tp)
 
 

@@ -101,7 +101,9 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
             if self.tp > 1 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-                return gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp)  # inference
+                y = gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp)  # inference
+                if y is not None:
+                    return y
             y = self._linear(copy_to_tp(x, self.group) if self.tp > 1 and not is_dry() else x, self.bias)
             return gather_from_tp(y, self.group, self.rank, self.tp) if self.tp > 1 else y  # (..., out)
         if self.tp > 1 and not is_dry():

@@ -201,7 +201,7 @@ class ShmSum:
         """A ``(rows, n * world)`` tensor whose columns ``[r*n, (r+1)*n)`` rank ``r`` computed:
         ``compute(a, b, slot)`` writes this rank's rows ``a:b`` into ``slot`` (``(b - a, n)``, in shared
         memory), so an LM head's local logits never exist outside it."""
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         out = buffers.empty((rows, n * self.world), dtype)
         per = max(1, self.slot // (n * size))
         if per * n * size > self.slot:
