@@ -1,7 +1,7 @@
 """``python -m autotp``: the command line (see ``autotp.cli``)."""
 import sys
 
-from .cli import main
+from autotp.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

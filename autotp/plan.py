@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
-from .errors import PlanFormatError, PlanMismatchError
+from autotp.errors import PlanFormatError, PlanMismatchError
 
 FORMAT = "autotp-plan 1"
 STYLES = {

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
 from tp_systems import ModelSize
 
 
@@ -51,7 +50,7 @@ def _gather_by_reduce(y: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 def measure(size: ModelSize, model: nn.Module, reps: int) -> list[dict]:
     """Rows ``piece, calls, autotp (wall, cpu), alternative (wall, cpu), alt_name, ref`` for this rank."""
-    from autotp import collectives
+    from autotp.runtime import collectives
 
     group, rank, tp = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(size.seed)

@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--docs", help="also write the table into this markdown file")
     args = ap.parse_args()
-    from autotp.launch import run_ranks
+    from autotp.tools.launch import run_ranks
 
     ckpt = Path(args.cache)
     if not (ckpt / "model.safetensors.index.json").is_file():

@@ -105,7 +105,7 @@ def main() -> None:
     bad = [d for d in args.sizes if d % 64 or any((d // 64) % tp for tp in args.tp)]
     if bad:
         ap.error(f"hidden sizes {bad}: each must be a multiple of 64 whose head count (d / 64) every --tp divides")
-    from autotp.launch import run_ranks
+    from autotp.tools.launch import run_ranks
 
     load = os.getloadavg()[0]
     rows = []

@@ -235,9 +235,9 @@ How each system is set up (all from the same seeded dense model, fp32, `torch.no
 - **(a) autotp**: `autotp.parallelize(model, tp=2)`, nothing else. Its plan (derived from the graph):
   q/k/v/gate/up column, o/down row (one all-reduce each), token embedding sharded by vocabulary rows
   (one all-reduce), LM head column-sharded with its logits all-gathered. The ranks share this host,
-  so its collectives go through a buffer in `/dev/shm` that they map (`autotp.shm`, the default for
+  so its collectives go through a buffer in `/dev/shm` that they map (`autotp/runtime/transports/shm.py`, the default for
   gloo groups on one host), and without autograd the LM head computes its local logits straight
-  into that buffer, its output's memory reused once the previous logits are dropped (`autotp.buffers`).
+  into that buffer, its output's memory reused once the previous logits are dropped (`runtime/transports/buffers.py`).
 - **(a-) autotp with `AUTOTP_SHM=0`**: the same plan with every collective on gloo over TCP
   loopback (the logits gathered by a zero-padded all-reduce).
 - **(b) hand-written Megatron swap**, the speed reference: `nn.Linear` modules replaced by sliced

@@ -30,10 +30,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from sbs_report import (TOLERANCE, TP, TP_SYSTEMS, Result, Spec, first_line, cost_reading, cost_table, document,
-                        fmt_counts, reading, table)
-from tp_systems import ModelSize, build_inputs, build_model, count_collectives, generating, param_bytes, SYSTEMS
+from sbs_report import (
+    TOLERANCE,
+    TP,
+    TP_SYSTEMS,
+    Result,
+    Spec,
+    cost_reading,
+    cost_table,
+    document,
+    first_line,
+    fmt_counts,
+    reading,
+    table,
+)
+from tp_systems import SYSTEMS, ModelSize, build_inputs, build_model, count_collectives, generating, param_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ModelSize(hidden=256, layers=2, heads=8, kv_heads=4, intermediate=704, vocab=4000, batch=2, seq=64)
@@ -86,13 +97,11 @@ class Worker:
     def count(self, _: Any) -> dict[str, Any]:
         """Collectives of one forward (profiler), and for autotp its own counters to compare with."""
         mine = self.spec.system.startswith("autotp")
-        if mine:
-            from autotp import collectives
+        from autotp.runtime import collectives
 
-            collectives.reset_counts()
-        with torch.no_grad():
+        with torch.no_grad(), collectives.counting() as ours:
             counts, comm_ms = count_collectives(self.prepared.forward, self.ids)
-        own = {k.split(".")[0]: v for k, v in collectives.COUNTS.items()
+        own = {k.split(".")[0]: v for k, v in ours.items()
                if k.endswith(".forward") and not k.startswith("bytes")} if mine else None
         if own and "all_gather" in own and dist.get_backend() == "gloo" and not collectives._SHM:
             own["all_reduce"] = own.get("all_reduce", 0) + own.pop("all_gather")  # gloo: a zero-padded all-reduce
@@ -284,8 +293,8 @@ def _check(r: Result, g: Group, ref: str, say) -> None:
     c = g.ask("count")
     r.counts, r.comm_ms = c[0]["counts"], max(x["comm_ms"] for x in c)
     if c[0]["own"] is not None:
-        r.count_check = ("agrees with autotp.collectives.COUNTS" if r.counts == c[0]["own"]
-                         else f"DISAGREES with autotp.collectives.COUNTS {c[0]['own']}")
+        r.count_check = ("agrees with autotp.count_collectives()" if r.counts == c[0]["own"]
+                         else f"DISAGREES with autotp.count_collectives() {c[0]['own']}")
     say(f"  {r.spec.name}: max |diff| {r.diff:.2e}, collectives {fmt_counts(r.counts)} {r.count_check}")
     if r.wrong:
         say(f"  {r.spec.name} is WRONG (max |diff| {r.diff:.3g} > {TOLERANCE}); it will not be timed")

@@ -19,7 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import autotp
-from autotp.launch import run_ranks
+from autotp.runtime.transports import shm
+from autotp.tools.launch import run_ranks
 
 SIZES = [256, 512, 1024, 2048]  # hidden size d; the layers map d -> 4d (-> d)
 TOKENS = (4, 64)  # batch, sequence
@@ -79,7 +80,7 @@ def main() -> None:
         world, rank = 2, 0
         lines = run_ranks(measure, world, timeout=600)[0]
     if rank == 0:
-        via = "shared memory" if autotp.shm.wanted() else "gloo over loopback (AUTOTP_SHM=0)"
+        via = "shared memory" if shm.wanted() else "gloo over loopback (AUTOTP_SHM=0)"
         print(f"tp={world}, {TOKENS[0]}x{TOKENS[1]} tokens, float32, a gloo group on one machine, collectives "
               f"through {via}, one thread per rank (rank 0's times, mean of {REPS})")
         print("\n".join(lines))

@@ -11,8 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from autotp.plan import glob_of, load_plan  # noqa: E402
 from hf_zoo import ARCHS, build  # noqa: E402
+
+from autotp.plan import glob_of, load_plan  # noqa: E402
 
 # Both vocabularies mapped to one: what each rank holds of the module and what it does with the output.
 HF_ROLE = {"colwise": "column", "packed_colwise": "column", "colwise_gather_output": "column+gather",

@@ -13,9 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from autotp.launch import run_ranks  # noqa: E402
 from hf_cases import coverage  # noqa: E402
 from hf_zoo import ARCHS, ARCHS_TP4, GAPS  # noqa: E402
+
+from autotp.tools.launch import run_ranks  # noqa: E402
 
 
 def status(r: dict) -> str:

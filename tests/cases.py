@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 
 import torch
 import torch.distributed as dist
+from models import (GPT, AlibiNet, EinsumNet, GPTConfig, MHAViT, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
+                    TorchEncoder, TwiceTrap)
 
 import autotp
-from autotp import collectives
-from autotp.layers import ColumnParallelLinear, RowParallelLinear, shard_ranges
-from models import (GPT, AlibiNet, EinsumNet, GPTConfig, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
-                    TwiceTrap)
+from autotp.runtime import collectives
+from autotp.runtime.layers import ColumnParallelLinear, RowParallelLinear
+from autotp.split import split_of
 
 
 def build(name: str):
@@ -28,45 +30,92 @@ def build(name: str):
         return MLPStack(), torch.randn(3, 7, 32)
     if name in ("alibi", "alibi_merged"):  # a per-head bias sliced on its way into each block
         return AlibiNet(merged=name == "alibi_merged"), torch.randn(3, 9, 32)
+    if name == "torch_encoder":  # nn.TransformerEncoder: its MLPs sharded, nn.MultiheadAttention kept whole
+        return TorchEncoder(), torch.randn(3, 7, 32)
+    if name == "mha_vit":
+        return MHAViT(), torch.randn(3, 6, 48)
     traps = {"trap_norm": NormTrap, "trap_residual": ResidualTrap, "trap_twice": TwiceTrap,
              "trap_reduce": ReduceTrap}
     return traps[name](), torch.randn(3, 5, 16)
 
 
-CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged", "trap_norm", "trap_residual", "trap_twice", "trap_reduce"]
+CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged", "trap_norm", "trap_residual",
+         "trap_twice", "trap_reduce", "torch_encoder", "mha_vit"]
 
 
-def _local_slice(dense_p: torch.Tensor, mod, name: str, rank: int, tp: int, seg) -> torch.Tensor:
-    """The slice of a dense tensor this rank should hold for parameter ``name`` of ``mod``."""
-    if getattr(mod, "_autotp_vocab", None) and name == "weight":  # a table sharded by rows
-        a, b = mod._autotp_vocab
-        return dense_p[a:b]
-    if name in getattr(mod, "_autotp_experts", {}):  # an expert weight sliced in place
-        dim, seg = mod._autotp_experts[name]
-        return torch.cat([dense_p.narrow(dim, a, b - a) for a, b in shard_ranges(dense_p.shape[dim], rank, tp, seg)],
-                         dim)
-    if isinstance(mod, ColumnParallelLinear):
-        dim = (1 if mod.in_out else 0) if name == "weight" else 0
-    elif isinstance(mod, RowParallelLinear) and name == "weight":
-        dim = 0 if mod.in_out else 1
-    else:
-        return dense_p
-    rep = getattr(mod, "rep", 1)  # fewer heads than ranks: rep ranks hold the same block
-    ranges = shard_ranges(dense_p.shape[dim], rank // rep, tp // rep, seg)
-    return torch.cat([dense_p.narrow(dim, a, b - a) for a, b in ranges], dim)
+def _held_fraction(e, leaf: str, tp: int) -> tuple[int, int]:
+    """(numerator, denominator) of a parameter's elements a rank holds, read from its plan line's text alone:
+    colwise weights and biases, rowwise weights, vocab tables and the named expert weights are divided among
+    tp / rep blocks; everything else is held whole."""
+    if e is None:
+        return 1, 1
+    sharded = (e.style == "colwise" and leaf in ("weight", "bias") or e.style in ("rowwise", "vocab") and leaf == "weight"
+               or e.style == "experts" and leaf in (e.get("col") or "").split(",") + (e.get("row") or "").split(","))
+    return (int(e.get("rep", "1")), tp) if sharded else (1, 1)
 
 
-def _holders(model) -> dict[int, tuple[str, str]]:
-    """Parameter id -> (module path, name) of the holder that says how it is sliced (tied tables have several)."""
-    out: dict[int, tuple[str, str]] = {}
-    mods = dict(model.named_modules())
-    for name, p in model.named_parameters(remove_duplicate=False):
-        path, _, leaf = name.rpartition(".")
-        m = mods[path]
-        if id(p) not in out or isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or \
-                getattr(m, "_autotp_vocab", None):
-            out[id(p)] = (path, leaf)
-    return out
+class _OptimalBackward:
+    """The fewest backward all-reduces the forward it watches allows, counted from what the layers read.
+
+    A group's column layers that read one replicated tensor need one all-reduce of its gradient between them
+    (the optimum: one per distinct tensor a group reads, e.g. 1 per block's attention or MLP, 2 for a
+    cross-attention, whose q reads the decoder and k/v the encoder); an experts module, a head whose logits
+    are gathered, a layer whose heads are held by several ranks and a sliced argument that needs a gradient
+    cost one each; a ``sum_grad`` parameter one.
+    """
+
+    def __init__(self, model, plan):
+        self.events: list[tuple[str, int | None]] = []
+        self.hooks = []
+        slices = plan.resolve(dict(model.named_modules()).keys(), slices=True)
+        lines = plan.resolve(dict(model.named_modules()).keys())
+        # per backward, one all-reduce per parameter hooked: sum_grad parameters, and those of heads on several ranks
+        self.per_param = sum(len(e.get("p").split(",")) for e in lines.values() if e.style == "sum_grad") + \
+            sum(1 for m in model.modules() if isinstance(m, ColumnParallelLinear) and m.rep > 1
+                for q in (m.weight, m.bias) if q is not None and q.requires_grad)
+        for path, m in model.named_modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) or getattr(m, "_autotp_experts", None):
+                self.hooks.append(m.register_forward_pre_hook(self._layer))
+        for key, e in slices.items():
+            m = model.get_submodule(key.rpartition(":")[0])
+            self.hooks.append(m.register_forward_pre_hook(self._slice(e.get("arg"), m), with_kwargs=True))
+
+    def _layer(self, m, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        grad = x is not None and x.requires_grad and torch.is_grad_enabled()
+        if isinstance(m, RowParallelLinear):
+            self.events.append(("row", None))
+        elif isinstance(m, ColumnParallelLinear):
+            if grad:
+                self.events.append(("gather" if m.gather else "col", id(x)))
+        else:  # an experts module: one f for its inputs, one all-reduce after it
+            self.events.append(("experts", None))
+
+    def _slice(self, arg: str, m):
+        names = list(inspect.signature(m.forward).parameters)
+
+        def hook(mod, args, kwargs):
+            x = kwargs.get(arg) if arg in kwargs else args[names.index(arg)] if arg in names and \
+                names.index(arg) < len(args) else args[int(arg)] if arg.isdigit() and int(arg) < len(args) else None
+            if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+                self.events.append(("slice", None))
+        return hook
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def optimum(self) -> int:
+        n, read = 0, set()
+        for kind, x in self.events:
+            if kind == "row":
+                read = set()  # the group closes: the next columns open another
+            elif kind == "col":
+                n += x not in read
+                read.add(x)
+            else:
+                n += 1
+        return n + self.per_param
 
 
 def parity(rank: int, world: int, names=CASES) -> dict:
@@ -82,48 +131,45 @@ def parity(rank: int, world: int, names=CASES) -> dict:
         out[name] = measure(rank, world, model, dense, plan, lambda m: m(x if m is model else x_ref))
         if x.is_floating_point():
             out[name]["grad_diff"] = max(out[name]["grad_diff"], (x.grad - x_ref.grad).abs().max().item())
+        model.eval(), dense.eval()
+        with torch.no_grad():  # inference, where torch may take fused paths (nn.TransformerEncoderLayer)
+            out[name]["nograd_diff"] = (model(x) - dense(x_ref)).abs().max().item()
     return out
 
 
 def measure(rank: int, world: int, model, dense, plan, run) -> dict:
     """Run ``run(dense)`` and ``run(model)`` forward and backward; compare outputs, grads, params, counts."""
-    seg_of = {path: e.ints("seg") for path, e in plan.resolve(dict(model.named_modules()).keys()).items()}
+    lines = plan.resolve(dict(dense.named_modules()).keys())  # module path -> its plan line
     y_ref = run(dense)
     y_ref.float().pow(2).mean().backward()
-    collectives.reset_counts()
-    y = run(model)
-    fwd = collectives.COUNTS["all_reduce.forward"]
-    gathers = collectives.COUNTS["all_gather.forward"]
-    y.float().pow(2).mean().backward()
-    bwd = collectives.COUNTS["all_reduce.backward"]
+    watch = _OptimalBackward(model, plan)
+    with collectives.counting() as counts:
+        y = run(model)
+    watch.remove()
+    fwd, gathers = counts["all_reduce.forward"], counts["all_gather.forward"]
+    with collectives.counting() as counts:
+        y.float().pow(2).mean().backward()
+    bwd = counts["all_reduce.backward"]
     dense_params = dict(dense.named_parameters())
     gdiff, pdiff = 0.0, 0.0
-    mods = dict(model.named_modules())
-    holder = _holders(model)
-    for pname, p in model.named_parameters():
-        mpath, leaf = holder[id(p)]
-        ref = dense_params[pname]
-        want_p = _local_slice(ref.detach(), mods[mpath], leaf, rank, world, seg_of.get(mpath))
-        pdiff = max(pdiff, (p.detach() - want_p).abs().max().item())
+    for pname, p in model.named_parameters():  # each rank holds the slice autotp.split says, of weights and grads
+        path, _, leaf = pname.rpartition(".")
+        ref, split = dense_params[pname], split_of(lines.get(path), leaf, world)
+        pdiff = max(pdiff, (p.detach() - split.take(ref.detach(), rank)).abs().max().item())
         if ref.grad is not None or p.grad is not None:
-            want_g = _local_slice(ref.grad, mods[mpath], leaf, rank, world, seg_of.get(mpath))
-            gdiff = max(gdiff, (p.grad - want_g).abs().max().item())
+            gdiff = max(gdiff, (p.grad - split.take(ref.grad, rank)).abs().max().item())
     total = sum(p.numel() for p in dense.parameters())
-    ideal = total  # replicated + shardable / tp (a block held by rep ranks counts rep / tp)
-    local_of = dict(model.named_parameters())
+    ideal = 0  # from the dense shapes and the plan text: what each rank should hold
     for n, p in dense.named_parameters():
-        m = mods.get(holder[id(local_of[n])][0])
-        if isinstance(m, ColumnParallelLinear) or (isinstance(m, RowParallelLinear) and n.endswith("weight")) or \
-                getattr(m, "_autotp_vocab", None) and n.endswith("weight") or \
-                n.rpartition(".")[2] in getattr(m, "_autotp_experts", {}):
-            ideal -= p.numel() - p.numel() * getattr(m, "rep", 1) // world
+        num, den = _held_fraction(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
+        ideal += p.numel() * num // den
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output
     dist.all_reduce(allsame)
     return dict(
         out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(),
         grad_diff=gdiff, grad_scale=max(p.grad.abs().max().item() for p in dense.parameters() if p.grad is not None),
-        param_diff=pdiff, fwd=fwd, bwd=bwd, local_params=local, ideal_params=ideal,
+        param_diff=pdiff, fwd=fwd, bwd=bwd, bwd_optimum=watch.optimum(), local_params=local, ideal_params=ideal,
         total_params=total, shards=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
         rows=sum(1 for m in model.modules()  # layers with an all-reduce after them (experts modules too)
                  if isinstance(m, RowParallelLinear) or getattr(m, "_autotp_experts", None)),

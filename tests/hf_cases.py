@@ -8,11 +8,11 @@ import warnings
 from pathlib import Path
 
 import torch
-
-import autotp
-from autotp.parity import main_tensor
 from cases import measure
 from hf_zoo import build, optimum
+
+import autotp
+from autotp.capture.inputs import main_tensor
 
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 

@@ -327,3 +327,55 @@ class HeadsModel(nn.Module):
 
     def forward(self, x):
         return self.attn(x)
+
+
+class TorchEncoder(nn.Module):
+    """``torch.nn.TransformerEncoder`` as users build it: ``nn.MultiheadAttention`` (its fused ``in_proj_weight``
+    stays replicated: not a linear layer's weight) and a Linear MLP; without gradients torch runs its fused
+    encoder kernel unless a submodule has hooks."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, ff: int = 64, layers: int = 2):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x):  # (B, T, dim)
+        return self.encoder(x)
+
+
+class ViTBlock(nn.Module):
+    """torchvision's ViT encoder block: pre-norm ``nn.MultiheadAttention`` and a GELU MLP, residuals."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class MHAViT(nn.Module):
+    """A ViT in torchvision's style on flattened patches: class token, learned positions, a classifier head."""
+
+    def __init__(self, patch_dim: int = 48, dim: int = 32, heads: int = 4, mlp: int = 64, layers: int = 2,
+                 patches: int = 6, classes: int = 10):
+        super().__init__()
+        self.proj = nn.Linear(patch_dim, dim)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, patches + 1, dim) * 0.02)
+        self.layers = nn.ModuleList([ViTBlock(dim, heads, mlp) for _ in range(layers)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # (B, patches, patch_dim)
+        x = self.proj(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.ln(x)[:, 0])

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import autotp
-from autotp import blocks
 from autotp.api import analyse
-from autotp.rewrite import resolve
+from autotp.planner import blocks
+from autotp.planner.resolve import resolve
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import GPT, GPTConfig, TinyLlama  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import autotp
-from autotp import cli, zoo
+from autotp.tools import cli, zoo
 
 sys.path.insert(0, os.path.dirname(__file__))
 from models import GPT, GPTConfig  # noqa: E402

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import autotp
-from autotp import collectives
-from autotp.launch import run_ranks
+from autotp.runtime import collectives
+from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import build  # noqa: E402
@@ -45,13 +45,13 @@ def compiled_vs_eager(rank: int, world: int, backend: str) -> dict:
         g_ref = _grads(model)
         model.zero_grad(set_to_none=True)
         compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: a graph break fails
-        collectives.reset_counts()
-        t0 = time.perf_counter()
-        y = compiled(x)
-        t1 = time.perf_counter()
-        y.float().pow(2).mean().backward()
-        t2 = time.perf_counter()
-        g, counted = _grads(model), sum(collectives.COUNTS.values())
+        with collectives.counting() as counts:
+            t0 = time.perf_counter()
+            y = compiled(x)
+            t1 = time.perf_counter()
+            y.float().pow(2).mean().backward()
+            t2 = time.perf_counter()
+        g, counted = _grads(model), sum(counts.values())
         eager_s, compiled_s = _mean_forward_s(model, x), _mean_forward_s(compiled, x)
         with torch.no_grad():  # inference: eager computes the LM head into shared memory, compiled code cannot
             y_inf, y_inf_eager = compiled(x), model(x)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import autotp
-from autotp import cli
-from autotp.hf_plan import from_hf_tp_plan, hf_key, to_hf_tp_plan
-from autotp.launch import run_ranks
+from autotp.io.hf_plan import from_hf_tp_plan, hf_key, to_hf_tp_plan
 from autotp.plan import Plan
+from autotp.tools import cli
+from autotp.tools.launch import run_ranks
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -57,7 +57,7 @@ def hf_plan_ranks(rank: int, world: int, names: list[str], checkpoint: str) -> d
     Llama's transformers plan run by autotp."""
     from transformers.distributed import DistributedConfig
 
-    from autotp.parity import main_tensor
+    from autotp.capture.inputs import main_tensor
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotp.launch import run_ranks
+from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -136,7 +136,7 @@ def compare(path: str, auto: str, world: int, dtype=None, plan=None) -> dict:
     import transformers as T
 
     import autotp
-    from autotp.load import checkpoint_index
+    from autotp.io.load import checkpoint_index
 
     rec = Recorder()
     try:
@@ -344,8 +344,9 @@ def test_reads_only_this_ranks_slices(main):
 
 
 def test_sharded_checkpoint_round_trip(main, root):
-    import autotp
     from safetensors.torch import load_file
+
+    import autotp
 
     for rank, res in enumerate(main):
         s = res["sharded"]

@@ -4,14 +4,14 @@ import sys
 
 import pytest
 
-from autotp.launch import run_ranks
+from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import CASES, parity  # noqa: E402
 
 # expected groups (= all-reduces per forward and per backward) per model at any tp that divides it
 EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2, "alibi": 2, "alibi_merged": 2,
-            "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0}
+            "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0, "torch_encoder": 2, "mha_vit": 2}
 
 
 LM = {"nanogpt", "llama_gqa", "llama_kv2"}  # token embedding + LM head: vocabulary-sharded
@@ -32,6 +32,7 @@ def test_parity(results, name):
         assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (tp, rank, name, r)
         assert r["grad_diff"] <= 1e-5 * max(1.0, r["grad_scale"]), (tp, rank, name, r)
         assert r["param_diff"] == 0.0, (tp, rank, name, r)
+        assert r["nograd_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (tp, rank, name, r)  # eval, no autograd
         assert r["same_on_all"] <= 1e-5 * max(1.0, r["out_scale"]), (tp, rank, name, r)
 
 
@@ -46,6 +47,7 @@ def test_collectives_and_memory(results, name):
         # + one gradient sum per layer whose KV heads are held by several ranks (llama_kv2 at tp=4),
         # + the input gradient of each all-gathered head
         assert r["bwd"] == EXPECTED[name] + r["shared_heads"] + r["heads"] + SLICED_GRADS.get(name, 0), (tp, name, r)
+        assert r["bwd"] == r["bwd_optimum"], (tp, name, r)  # one per distinct tensor a group reads, counted
         assert r["shared_heads"] == (4 if name == "llama_kv2" and tp == 4 else 0), (tp, name, r)
         assert r["local_params"] == r["ideal_params"], (tp, name, r)
         if EXPECTED[name]:

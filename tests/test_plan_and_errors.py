@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 import autotp
-from autotp.layers import shard_ranges, shard_tensor
 from autotp.plan import Plan
-from autotp.rewrite import resolve
+from autotp.planner.resolve import resolve
+from autotp.runtime.layers import shard_tensor
+from autotp.split import shard_ranges
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cases import build  # noqa: E402
@@ -148,7 +149,7 @@ def _tied_gpt_plan_text():
 
 
 def test_tied_table_is_sliced_once_and_stays_tied():
-    from autotp.rewrite import swap_layers
+    from autotp.runtime.apply import swap_layers
 
     model, text = _tied_gpt_plan_text()
     assert "transformer.wte              vocab rows=96 dim=32" in text and "gather=1" in text
@@ -160,7 +161,7 @@ def test_tied_table_is_sliced_once_and_stays_tied():
 
 
 def test_edit_that_unties_a_table_is_refused():
-    from autotp.rewrite import swap_layers
+    from autotp.runtime.apply import swap_layers
 
     model, text = _tied_gpt_plan_text()
     text = text.replace("transformer.wte              vocab", "transformer.wte              replicate")

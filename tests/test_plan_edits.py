@@ -9,14 +9,15 @@ import pytest
 import torch
 
 import autotp
-from autotp import cli
-from autotp.launch import run_ranks
+from autotp import check_plan
 from autotp.plan import Plan
-from autotp.validate import check_plan
+from autotp.tools import cli
+from autotp.tools.launch import run_ranks
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import build as build_toy, measure  # noqa: E402
+from cases import build as build_toy  # noqa: E402
+from cases import measure
 from hf_zoo import build  # noqa: E402
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,7 +73,7 @@ def edited_ranks(rank: int, world: int) -> dict:
     """Each edit applied by parallelize and measured against the unsharded model; a wrong edit refused."""
     import copy
 
-    from autotp.parity import main_tensor
+    from autotp.capture.inputs import main_tensor
 
     transformers.logging.set_verbosity_error()
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))

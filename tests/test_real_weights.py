@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from autotp.launch import run_ranks
+from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 

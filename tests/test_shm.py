@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from autotp.launch import run_ranks
+from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -20,8 +20,8 @@ def sums(rank: int, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from autotp import collectives
-    from autotp.shm import ShmSum
+    from autotp.runtime import collectives
+    from autotp.runtime.transports.shm import ShmSum
 
     s = ShmSum(None, slot_bytes=4096)  # 1024 floats a piece: the larger tensors go in several
     out = {}
@@ -43,11 +43,11 @@ def sums(rank: int, world: int) -> dict:
     wr, br = w[6 * rank:6 * rank + 6], b[6 * rank:6 * rank + 6]
     collectives._SHM[dist.group.WORLD] = s  # 400 rows of 6 floats, computed into the slot 170 rows at a time
     try:
-        collectives.reset_counts()
-        out["linear"] = (collectives.gather_linear(x, wr, br, False, None, world) - full).abs().max().item()
-        out["linear_in_out"] = (collectives.gather_linear(x, wr.t().contiguous(), None, True, None, world)
-                                - (full - b)).abs().max().item()
-        out["counted"] = collectives.COUNTS["all_gather.forward"]
+        with collectives.counting() as counts:
+            out["linear"] = (collectives.gather_linear(x, wr, br, False, None, world) - full).abs().max().item()
+            out["linear_in_out"] = (collectives.gather_linear(x, wr.t().contiguous(), None, True, None, world)
+                                    - (full - b)).abs().max().item()
+        out["counted"] = counts["all_gather.forward"]
     finally:
         del collectives._SHM[dist.group.WORLD]
     assert collectives.use_shared_memory(None)
@@ -64,26 +64,26 @@ def test_sums_equal_gloo():
 
 
 def parity(rank: int, world: int) -> dict:
-    from cases import CASES, parity as run
-
     import copy
 
     import torch
+    from cases import CASES, build
+    from cases import parity as run
 
     import autotp
-    from autotp import collectives
-    from cases import build
+    from autotp.runtime import collectives
 
     out = run(rank, world, [c for c in CASES if c in ("nanogpt", "alibi")])  # AUTOTP_SHM unset: the default
     out["shm"] = bool(collectives._SHM)
     model, ids = build("nanogpt")  # inference: the LM head computes its logits straight into shared memory
     dense = copy.deepcopy(model)
     autotp.parallelize(model, world, example_inputs=(ids,))
-    collectives.reset_counts()
+    with torch.no_grad(), collectives.counting() as counts:
+        got = model(ids)
     with torch.no_grad():
-        got, want = model(ids), dense(ids)
+        want = dense(ids)
     out["no_grad"] = (got - want).abs().max().item(), want.abs().max().item()
-    out["no_grad_gathers"] = collectives.COUNTS["all_gather.forward"]
+    out["no_grad_gathers"] = counts["all_gather.forward"]
     return out
 
 
@@ -104,10 +104,11 @@ def test_parity_through_shared_memory():
 def opted_out_and_fallback(rank: int, world: int) -> dict:
     import torch
     import torch.distributed as dist
+    from cases import build
 
     import autotp
-    from autotp import collectives, shm
-    from cases import build
+    from autotp.runtime import collectives
+    from autotp.runtime.transports import shm
 
     os.environ["AUTOTP_SHM"] = "0"
     model, ids = build("nanogpt")
@@ -131,7 +132,7 @@ def test_opt_out_and_every_rank_falls_back_together():
 
 
 def test_slot_size_from_free_space():
-    from autotp.shm import slot_size
+    from autotp.runtime.transports.shm import slot_size
 
     assert slot_size(32 << 20, 64 << 20, 2) == 16 << 20  # a container's default 64 MB /dev/shm: half of it
     assert slot_size(32 << 20, 24 << 30, 2) == 32 << 20
@@ -143,7 +144,7 @@ def dead_peer(rank: int, world: int) -> str:
     import torch
 
     from autotp.errors import RankError
-    from autotp.shm import ShmSum
+    from autotp.runtime.transports.shm import ShmSum
 
     s = ShmSum(None)
     if rank == 1:

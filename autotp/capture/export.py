@@ -1,0 +1,189 @@
+"""Capture: model -> fx graph (ATen level) for analysis only.
+
+The model is copied onto the meta device (no weight is copied or touched) and
+captured with ``torch.export`` (non-strict). Each call node carries its module path
+(``owner``), each parameter placeholder its parameter name. The user's eager model is
+what runs afterwards; this graph is never executed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._pytree import tree_map_only
+
+from autotp.errors import CaptureError
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on the meta device."""
+    memo: dict[int, Any] = {}
+    for mod in model.modules():  # process-group handles are shared, never copied
+        g = getattr(mod, "group", None)
+        if g is not None and not isinstance(g, (torch.Tensor, nn.Module)):
+            memo[id(g)] = g
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in memo:
+            continue
+        m = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(model, memo)
+
+
+def to_meta(x: Any) -> Any:
+    """Map every tensor in a (nested) structure to an empty meta tensor of the same shape/dtype."""
+    return tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), x)
+
+
+def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    """``example_inputs`` is a tuple of positional args, a dict of kwargs, or one tensor."""
+    if example_inputs is None:
+        raise CaptureError("no example_inputs: pass example_inputs=(x,) (a tuple of positional args) "
+                           "or a dict of keyword args, with the shapes the model is called with")
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    return tuple(example_inputs), {}
+
+
+@dataclass
+class Captured:
+    """An ATen-level graph plus the names needed to map it back to the model."""
+
+    graph: fx.Graph
+    params: dict[str, str]  # placeholder name -> parameter name
+    buffers: dict[str, str]  # placeholder name -> buffer/constant name
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)  # parameter name -> every name of it
+    user_inputs: set[str] = field(default_factory=set)  # placeholders of the model's own inputs
+    order: dict[fx.Node, int] = field(default_factory=dict)
+    # module path -> its first call's tensor arguments: (parameter name, or position if it has none; shape)
+    module_args: dict[str, list[tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
+
+    def param_name(self, node: Any) -> str | None:
+        if isinstance(node, fx.Node) and node.op == "placeholder":
+            return self.params.get(node.name)
+        return None
+
+    def alias_in(self, name: str | None, module: str) -> str | None:
+        """The name under which ``module`` itself holds parameter ``name`` (tied weights have several)."""
+        for a in self.aliases.get(name, (name,)) if name else ():
+            if a.rpartition(".")[0] == module:
+                return a
+        return None
+
+    @staticmethod
+    def owner(node: fx.Node) -> str:
+        """Path of the innermost module the node was computed in ('' for the root)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        return list(stack.values())[-1][0]
+
+    @staticmethod
+    def shape(node: Any) -> tuple[int, ...] | None:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        if isinstance(val, torch.Tensor):
+            return tuple(int(s) for s in val.shape)
+        return None
+
+
+class _ModuleTracker:
+    """Remembers which module was executing when capture failed, to name it in the error, and the
+    tensor arguments of each module's first call (by parameter name where the signature has one)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.deepest: list[str] = []
+        self.args: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+        self.handles = []
+        for name, mod in model.named_modules():
+            self.handles.append(mod.register_forward_pre_hook(self._push(name), with_kwargs=True))
+            self.handles.append(mod.register_forward_hook(self._pop))
+
+    def _push(self, name: str):
+        def hook(mod, args, kwargs):
+            self.stack.append(name or "<root>")
+            self.deepest = list(self.stack)
+            if name not in self.args:
+                self.args[name] = _tensor_args(mod, args, kwargs)
+        return hook
+
+    def _pop(self, mod, args, out):
+        if self.stack:
+            self.stack.pop()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _tensor_args(mod: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
+    names = positional_names(mod)
+    out = [(names[i] if i < len(names) else str(i), tuple(int(s) for s in a.shape))
+           for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    return out + [(k, tuple(int(s) for s in v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+
+def positional_names(mod: nn.Module) -> list[str]:
+    """The names of ``mod.forward``'s positional parameters, in order ([] if it takes ``*args``)."""
+    import inspect
+
+    try:
+        ps = list(inspect.signature(mod.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    out = []
+    for p in ps:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        out.append(p.name)
+    return out
+
+
+def capture(model: nn.Module, example_inputs: Any) -> Captured:
+    """Capture ``model`` at the shapes of ``example_inputs`` (on a meta copy).
+
+    >>> g = capture(nn.Sequential(nn.Linear(4, 8)), (torch.randn(2, 4),))
+    >>> [n.target for n in g.graph.nodes if n.op == "call_function"]
+    [<OpOverload(op='aten.linear', overload='default')>]
+    """
+    args, kwargs = split_inputs(example_inputs)
+    meta = model if _is_all_meta(model) else meta_copy(model)
+    args, kwargs = to_meta(args), to_meta(kwargs)
+    tracker = _ModuleTracker(meta)
+    try:
+        ep = torch.export.export(meta, args, kwargs, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        where = tracker.stack[-1] if tracker.stack else (tracker.deepest[-1] if tracker.deepest else "<root>")
+        msg = str(e).strip().splitlines()
+        head = msg[0] if msg else type(e).__name__
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: torch.export failed in module '{where}' "
+            f"({type(e).__name__}: {head[:300]}). Fix: make that module traceable, pass example_inputs "
+            f"that match its forward, or write a plan file (autotp.make_plan on a traceable copy, or by hand) "
+            f"and call parallelize(model, plan=...), which skips capture.") from e
+    finally:
+        tracker.remove()
+    sig = ep.graph_signature
+    consts = dict(sig.inputs_to_buffers)
+    consts.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    names: dict[int, list[str]] = {}
+    for k, p in meta.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(k)
+    aliases = {ns[0]: tuple(ns) for ns in names.values()}
+    aliases.update({k: tuple(ns) for ns in names.values() for k in ns})
+    return Captured(ep.graph, dict(sig.inputs_to_parameters), consts, aliases, set(sig.user_inputs),
+                    module_args=tracker.args)
+
+
+def _is_all_meta(model: nn.Module) -> bool:
+    ts = list(model.parameters()) + list(model.buffers())
+    return bool(ts) and all(t.device.type == "meta" for t in ts)

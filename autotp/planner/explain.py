@@ -1,0 +1,47 @@
+"""The planner's words for readers: a failing node as its op and module, and the tp values that would work.
+
+Pure text from the captured graph; shared by the planner and the plan checker (``validate``).
+"""
+from __future__ import annotations
+
+import re
+
+import torch.fx as fx
+
+from autotp.capture.export import Captured
+from autotp.errors import ShardingError
+from autotp.plan import glob_of
+from autotp.planner.sites import op_name
+
+
+def describe(c: Captured, e: Exception) -> str:
+    """Why ``e`` stopped a group, naming its node by op and module rather than by graph-local name."""
+    n = getattr(e, "node", None)
+    text = str(getattr(e, "reason", e))
+    if n is None:
+        return text
+    if n.op == "output":
+        return "the model's output would be sharded"
+    place = where(c, n)
+    text = re.sub(r"\s*\(at [\w.]+\)", "", text).replace(f"{n.name} ({n.target})", place)
+    text = re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", place, text, count=1)
+    return text if place in text else f"{place}: {text}"
+
+
+def where(c: Captured, n: fx.Node) -> str:
+    """A node as a reader sees it: its op and the module (glob) it runs in, not its graph-local name."""
+    if n.op == "placeholder":
+        return f"input '{n.target}'"
+    return f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
+
+
+def indivisible_error(fails: list, tp: int) -> ShardingError:
+    """The error for groups whose sizes ``tp`` does not divide: the sizes, and the tp values that do."""
+    sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
+    ok = [t for t in range(1, max(sizes) + 1) if all(s % t == 0 for s in sizes)]
+    cols, e = fails[0]
+    mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
+    return ShardingError(
+        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}. "
+        f"tp values that divide them: {ok}. Fix: use one of those tp values, or edit the plan to "
+        f"replicate these modules.")

@@ -1,0 +1,257 @@
+"""Planner: captured graph -> Plan. Pure: reads the graph, never touches weights or processes.
+
+Greedy groups over the dataflow. Each linear-like node whose input is replicated may open
+a column group; its sharded output is propagated through the rule table until row
+projections close it (one all-reduce each). A rule that needs another operand sharded
+(attention's k and v, a gated MLP's up) pulls that operand's projection into the group; a
+rule that says "no" demotes the group to replicate, with the reason recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from autotp.capture.export import Captured
+from autotp.plan import Entry, Plan, common_path, compress, glob_of, summarize
+from autotp.planner.explain import describe, indivisible_error, where
+from autotp.planner.layouts import Need, NoRule, Rep, Shard
+from autotp.planner.propagate import Propagation, at_node, producers
+from autotp.planner.sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
+from autotp.planner.slicing import entering
+
+
+@dataclass
+class Analysis:
+    """Everything the planner decided, for make_plan's checks and for tests."""
+
+    plan: Plan
+    layouts: dict[fx.Node, Any]
+    sites: dict[fx.Node, Site]
+    shape_consts: list[tuple[fx.Node, int, int, int]] = field(default_factory=list)  # node, dim, global, local
+    groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
+    lookups: list[Lookup] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
+
+
+def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) -> Analysis:
+    """Decide column/row/replicate for every linear-like node of a captured graph.
+
+    ``strict``: a group that fails only because tp does not divide a size raises ShardingError
+    (listing the tp values that work) instead of silently replicating.
+    """
+    sites = find_sites(c)
+    lookups = find_lookups(c, sites)
+    for lk in lookups:  # a tied head may shard its table only if every lookup of it can
+        if lk.tied is not None and (lk.blocker or lk.rows % tp):
+            lk.tied.blocker = lk.tied.blocker or f"its weight is the table of '{lk.module}', which stays replicated"
+    roles: dict[fx.Node, str] = {}
+    reasons: dict[fx.Node, str] = {}
+    committed: dict[fx.Node, Any] = {}
+    analysis = Analysis(Plan(tp, ()), committed, sites, lookups=lookups)
+    segments: dict[str, list[int]] = {}
+    indivisible: list[tuple[list[Site], NoRule]] = []
+    all_reps: dict[str, int] = {}
+    entered: dict[fx.Node, list[tuple[str, Shard]]] = {}  # committed Entering slices, as the grower reads them
+    slices: dict[str, Entry] = {}
+    for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
+        if s.node in roles:
+            continue
+        if s.blocker is not None:
+            roles[s.node], reasons[s.node] = "replicate", s.blocker
+            continue
+        if committed.get(s.x) is not None or tp == 1:
+            continue
+        cols, err, reps, new = [s], None, {}, []
+        while True:
+            g = Propagation(c, sites, committed, roles, tp, reps, entered, new)
+            try:
+                bad = [x for x in cols if x.out_features % (tp // reps.get(x.node.name, 1))]
+                if bad:
+                    b = bad[0]
+                    small = b.out_features < tp  # a gate of width 1 is replicated, not an error
+                    raise at_node(b.node, NoRule(f"out features {b.out_features} of '{b.module}' "
+                                             f"{'smaller than' if small else 'not divisible by'} tp={tp}",
+                                             sizes=() if small else (b.out_features,)))
+                rows = g.grow(cols)
+            except Need as e:
+                more = [x for x in producers(c, sites, e.value) if x not in cols and x.node not in roles
+                        and x.blocker is None and committed.get(x.x) is None]
+                if more:
+                    cols += more
+                    continue
+                ent = entering(c, e.value, e.layout, e.node, tp)
+                if ent is not None and ent not in new:
+                    new.append(ent)
+                    continue
+                err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
+                             f"{op_name(e.node)}, and no column projection produces it")
+                err.node = e.node
+            except Rep as e:
+                if e.root not in reps:
+                    reps[e.root] = e.rep
+                    continue
+                err = NoRule(f"{e.root} needs {e.rep} ranks per head twice")
+            except NoRule as e:
+                err = e
+            break
+        if err is None and not rows:
+            err = NoRule("no row projection closes the group")
+            err.node = cols[0].node
+        if err is not None and _gathers(c, s, cols, sites, tp):
+            roles[s.node], reasons[s.node] = "gather", ("a widening head (vocabulary logits) feeding the model's "
+                                                        "output: its features sharded, all-gathered after it")
+            continue
+        if err is not None and err.sizes:  # tp does not divide a size: an error only if the group could close
+            structural = _structural_failure(c, sites, committed, roles, entered, cols, new)
+            err = structural or err
+        if err is not None:
+            why = describe(c, err)
+            if err.sizes:
+                indivisible.append((cols, err))
+            for x in cols:
+                roles[x.node], reasons[x.node] = "replicate", f"sharding it would fail: {why}"
+            continue
+        committed.update(g.tent)
+        for ent in new:
+            entered.setdefault(ent.node, []).append((ent.module, ent.layout))
+            slices.setdefault(f"{ent.module}:{ent.arg}", ent.entry())
+        analysis.shape_consts += g.consts
+        all_reps.update(reps)
+        analysis.groups.append((cols, rows))
+        segments.update(g.segs)
+        gname = glob_of(common_path([x.module for x in cols + rows]))
+        for x in cols:
+            roles[x.node], reasons[x.node] = "colwise", f"opens group {gname or '<root>'}"
+        for x in rows:
+            roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
+    if strict and indivisible:
+        raise indivisible_error(indivisible, tp)
+    vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
+    sharded = [p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise", "gather")
+               for p in (s.weight, s.bias) if p] + [lk.weight for lk in lookups if vocab[lk.node] is None]
+    partial = partial_grads(c, committed, {a for p in sharded for a in c.aliases.get(p, (p,))})
+    entries, seen = [], set()
+    for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
+        if s.module in seen:
+            continue
+        seen.add(s.module)
+        if s.experts:
+            entries.append(_experts_entry(s, sites, roles, reasons, segments, tp))
+            continue
+        style = roles.get(s.node, "replicate")
+        reason = reasons.get(s.node, "its input is already sharded" if tp > 1 else "tp=1")
+        params = [("in", str(s.in_features)), ("out", str(s.out_features)), ("w", "in_out" if s.in_out else "out_in")]
+        if style == "gather":
+            style, params = "colwise", params + [("gather", "1")]
+        seg = segments.get(s.node.name)
+        if style == "colwise" and seg and len(seg) > 1:
+            params.append(("seg", ",".join(map(str, seg))))
+            reason += f"; fused output split into {len(seg)} segments, each sharded"
+        r = all_reps.get(s.node.name, 1)
+        if style == "colwise" and r > 1:
+            params.append(("rep", str(r)))
+            reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
+        entries.append(Entry(s.module, style, tuple(params), reason))
+    for lk in lookups:
+        if lk.module not in seen and (lk.from_input or lk.tied):
+            seen.add(lk.module)
+            why = vocab[lk.node]
+            entries.append(Entry(lk.module, "vocab" if why is None else "replicate",
+                                 (("rows", str(lk.rows)), ("dim", str(lk.dim))),
+                                 why or "rows (vocabulary) sharded; each rank looks up its ids, one all-reduce"))
+    entries += slices.values()
+    for module, names in partial.items():
+        entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
+                             "scales sharded values: each rank's gradient is a partial sum, all-reduced in backward"))
+    n_gather = sum(1 for r in roles.values() if r == "gather")
+    summary = summarize(len(analysis.groups), sum(len(r) for _, r in analysis.groups),
+                        sum(1 for lk in lookups if vocab[lk.node] is None), n_gather,
+                        sum(len(v) for v in partial.values()))
+    analysis.entries = entries
+    analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
+    return analysis
+
+
+def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, entered: dict, cols: list[Site],
+                        new: list) -> NoRule | None:
+    """Why the group of ``cols`` cannot be sharded at any tp (grown at tp=1, where every size divides), or None
+    if only sizes may stand in its way. A classifier head whose output is the model's is then replicated for
+    what it is, not reported as a tp that does not divide its classes."""
+    cols = list(cols)
+    while True:
+        try:
+            rows = Propagation(c, sites, committed, roles, 1, {}, entered, new).grow(cols)
+        except Need as e:  # as the planner does: pull in the projections that produce the needed operand
+            more = [x for x in producers(c, sites, e.value) if x not in cols and x.node not in roles
+                    and x.blocker is None and committed.get(x.x) is None]
+            if more:
+                cols += more
+                continue
+            return None  # an argument sliced on entry might serve: leave the verdict to the sizes
+        except NoRule as e:
+            if e.sizes:
+                return None
+            return e
+        except Rep:
+            return None
+        break
+    if rows:
+        return None
+    e = NoRule("no row projection closes the group")
+    e.node = cols[0].node
+    return e
+
+
+def _experts_entry(s: Site, sites: dict, roles: dict, reasons: dict, segments: dict, tp: int) -> Entry:
+    """One line for an experts module: its grouped weights sliced in place (col: outputs, row: inputs)."""
+    mine = [x for x in sorted(sites.values(), key=lambda x: x.node.name) if x.module == s.module]
+    cols = [x for x in mine if roles.get(x.node) == "colwise"]
+    rows = [x for x in mine if roles.get(x.node) == "rowwise"]
+    if not cols or not rows:
+        why = next((reasons[x.node] for x in mine if x.node in reasons), "its input is already sharded"
+                   if tp > 1 else "tp=1")
+        return Entry(s.module, "replicate", (), why)
+    leaf = lambda x: x.weight.rpartition(".")[2]  # noqa: E731
+    params = [("n", str(s.experts)), ("col", ",".join(map(leaf, cols))), ("row", ",".join(map(leaf, rows))),
+              ("w", "in_out" if s.in_out else "out_in")]
+    seg = segments.get(cols[0].node.name)
+    if len(cols) == 1 and seg and len(seg) > 1:
+        params.append(("seg", ",".join(map(str, seg))))
+    return Entry(s.module, "experts", tuple(params),
+                 f"{s.experts} experts, each one's hidden features sharded in place; inputs get f, "
+                 f"the output one all-reduce")
+
+
+def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
+    """A lone column projection that could not be closed, whose output flows to the model's output
+    without meeting another projection (an LM head): all-gather its output rather than replicate it,
+    when it widens (vocabulary-sized) and tp divides it."""
+    if cols != [s] or s.blocker is not None or s.experts or s.out_features <= s.in_features or s.out_features % tp:
+        return False
+    stack, seen = list(s.node.users), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in sites:
+            return False
+        stack.extend(n.users)
+    return any(n.op == "output" for n in seen)
+
+
+def _vocab_reason(lk: Lookup, roles: dict, tp: int) -> str | None:
+    """None if the lookup's table is sharded by rows, else why it stays replicated."""
+    if tp == 1:
+        return "tp=1"
+    if lk.blocker:
+        return lk.blocker
+    if lk.tied is not None and roles.get(lk.tied.node) not in ("colwise", "gather"):
+        return f"its table is tied to '{lk.tied.module}', which is replicated"
+    if not lk.from_input and lk.tied is None:
+        return "its ids are computed (positions), not read from the model's inputs"
+    if lk.rows % tp:
+        return f"{lk.rows} rows are not divisible by tp={tp}"
+    return None

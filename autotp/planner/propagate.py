@@ -1,0 +1,183 @@
+"""The propagation engine: one for planning and for checking a given plan.
+
+A value's layout is ``None`` (replicated) or ``Shard(dim)``; each op's rule (``planner.rules``) maps its inputs'
+layouts to its output's. The planner grows tentative groups with it; the checker pushes a plan's own choices
+through it; both read the same layouts, fused segments and sizes baked into reshapes from it.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+import torch.fx as fx
+
+from autotp.capture.export import Captured
+from autotp.planner.layouts import Need, NoRule, Shard
+from autotp.planner.rules import rule_for
+from autotp.planner.sites import Site, experts_boundary, op_name
+from autotp.planner.slicing import inside
+
+
+class Propagation:
+    """Layouts pushed through the rule table: the rules' context (``layouts.Ctx``) and the two ways to drive it.
+
+    ``grow(cols)`` (planning) propagates one tentative group from its column projections, on top of the
+    committed layouts, until row projections close it; ``seed`` + ``apply`` in graph order (checking a given
+    plan) push the plan's own choices through every node. Either way a node's layout comes from ``apply``:
+    its rule, or ``NoRule`` when the op has none.
+    """
+
+    def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int,
+                 reps: dict[str, int] | None = None, entering: dict | None = None, new: list | None = None):
+        self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
+        self.reps = reps or {}
+        # replicated values each rank slices as they enter a module: node -> [(module, layout inside it)]
+        self.entering: dict[fx.Node, list[tuple[str, Shard]]] = {k: list(v) for k, v in (entering or {}).items()}
+        self.new = list(new or [])  # this group's own Entering slices
+        for s in self.new:
+            self.entering.setdefault(s.node, []).append((s.module, s.layout))
+        self.cur: fx.Node | None = None  # the node whose rule is running (entering layouts depend on it)
+        self.tent: dict[fx.Node, Any] = {}
+        self.segs: dict[str, list[int]] = {}
+        self.cuts: dict[str, list[tuple[list[int], bool, fx.Node]]] = {}
+        self.consts: list[tuple[fx.Node, int, int, int]] = []
+
+    # --- the Ctx the rules see
+    def layout(self, n: Any):
+        if not isinstance(n, fx.Node):
+            return None
+        if n in self.tent:
+            return self.tent[n]
+        lay = self.committed.get(n)
+        if lay is None and n in self.entering and self.cur is not None:
+            return next((s for m, s in self.entering[n] if inside(self.c.owner(self.cur), m)), None)
+        return lay
+
+    def shape(self, n: Any):
+        return self.c.shape(n)
+
+    def segments(self, root: str, sizes: list[int], node: fx.Node) -> None:
+        """A split of a fused projection's whole output into ``sizes`` (each piece is sharded)."""
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.cuts.setdefault(root, []).append((bounds, True, node))
+
+    def piece(self, root: str, total: int, start: int, end: int, node: fx.Node) -> None:
+        """A slice [start, end) of a fused projection's whole output: it must be one whole piece."""
+        self.cuts.setdefault(root, []).append(([0, start, end, total], False, node))
+
+    def settle_segments(self) -> None:
+        for root, uses in self.cuts.items():
+            bounds = sorted({b for bs, _, _ in uses for b in bs})
+            sizes = [b - a for a, b in zip(bounds, bounds[1:]) if b > a]
+            for bs, whole, node in uses:
+                if whole and sorted(set(bs)) != bounds:
+                    raise at_node(node, NoRule(f"{node.name} splits a fused projection at {bs}, elsewhere at {bounds}"))
+                if not whole and bounds.index(bs[2]) - bounds.index(bs[1]) != 1:
+                    raise at_node(node, NoRule(f"{node.name} slices [{bs[1]}:{bs[2]}] of a fused projection cut at "
+                                           f"{bounds}: not one whole piece"))
+            bad = [x for x in sizes if x % self.tp]
+            if bad:
+                raise at_node(uses[0][2], NoRule(f"fused segment of size {bad[0]} not divisible by tp={self.tp}",
+                                             sizes=(bad[0],)))
+            self.segs[root] = sizes
+
+    def shape_const(self, node: fx.Node, pos: int, global_: int, local: int) -> None:
+        self.consts.append((node, pos, global_, local))
+
+    # --- propagation
+    def seed(self, s: Site, rep: int = 1) -> Shard:
+        """The layout of a column projection's output: sharded along its features."""
+        lay = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name, rep=rep)
+        self.tent[s.node] = lay
+        return lay
+
+    def apply(self, n: fx.Node) -> Any:
+        """``n``'s output layout from its rule; raises NoRule (no rule, or the rule refuses), Need or Rep."""
+        rule = rule_for(n.target)
+        if rule is None:
+            raise NoRule(f"no sharding rule for {op_name(n)} (at {n.name}); the value must be replicated")
+        return rule(self, n)
+
+    def grow(self, cols: list[Site]) -> list[Site]:
+        order = self.c.order
+        heap: list[tuple[int, fx.Node]] = []
+        rows: list[Site] = []
+        colnodes = {s.node for s in cols}
+        for s in cols:
+            self.seed(s, self.reps.get(s.node.name, 1))
+            for u in s.node.users:
+                heapq.heappush(heap, (order[u], u))
+        for s in self.new:
+            for u in s.node.users:
+                if u.op != "output" and inside(self.c.owner(u), s.module):
+                    heapq.heappush(heap, (order[u], u))
+        done = set()
+        while heap:
+            _, n = heapq.heappop(heap)
+            if n in done:
+                continue
+            done.add(n)
+            self.cur = n
+            ins = []
+            fx.node.map_arg((n.args, n.kwargs), ins.append)
+            if not any(self.layout(a) is not None for a in ins):
+                continue
+            if n.op == "output":
+                raise at_node(n, NoRule(f"the model's output would be sharded (at {n.name})"))
+            if n in colnodes or n in self.committed:
+                raise at_node(n, NoRule(f"{n.name} would both open the group and read its sharded value"))
+            site = self.sites.get(n)
+            if site is not None and self._closes(site):
+                rows.append(site)
+                self.tent[n] = None
+                continue
+            try:
+                out = self.apply(n)
+            except (NoRule, Need) as e:
+                raise at_node(n, e)
+            self.tent[n] = out
+            if out is not None:
+                for u in n.users:
+                    heapq.heappush(heap, (order[u], u))
+        self.settle_segments()
+        if any(x.experts for x in cols + rows):
+            self._check_experts(cols, rows)
+        return rows
+
+    def _check_experts(self, cols: list[Site], rows: list[Site]) -> None:
+        """An experts module is sharded in place: its group must live inside it and end at its output."""
+        mod = cols[0].module
+        if len(rows) != 1 or any(x.module != mod or not x.experts for x in cols + rows):
+            raise at_node(cols[0].node, NoRule(f"the group of experts module '{mod}' mixes it with other layers"))
+        leaks = [n for n, lay in self.tent.items() if lay is not None and not inside(self.c.owner(n), mod)]
+        if leaks:
+            raise at_node(leaks[0], NoRule(f"a sharded value leaves experts module '{mod}' before its down projection"))
+        why = experts_boundary(self.c, cols, rows[0])
+        if why is not None:
+            raise at_node(rows[0].node, NoRule(why))
+
+    def _closes(self, s: Site) -> bool:
+        lay = self.layout(s.x)
+        return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and lay.rep == 1 and s.blocker is None
+                and not s.tied and s.node not in self.roles and s.in_features % self.tp == 0)
+
+
+def at_node(n: fx.Node, e: Exception) -> Exception:
+    """``e`` with the node it happened at (kept if it already names one)."""
+    e.node = getattr(e, "node", n)
+    return e
+
+
+def producers(c: Captured, sites: dict[fx.Node, Site], v: fx.Node) -> list[Site]:
+    """Linear-like nodes reached walking back from ``v`` without crossing another one."""
+    out, seen, stack = [], set(), [v]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n in sites:
+            out.append(sites[n])
+            continue
+        fx.node.map_arg((n.args, n.kwargs), stack.append)
+    return sorted(out, key=lambda s: c.order[s.node])

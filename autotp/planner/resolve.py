@@ -1,0 +1,118 @@
+"""Which module each plan line names, checked against the model's own modules (pure: reads, never mutates).
+
+``resolve`` maps every concrete module path to its plan line and refuses a line whose module is not
+what the line says (another model's plan, a weight of another shape, a size tp does not divide).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch.nn as nn
+
+from autotp.capture.export import positional_names
+from autotp.errors import PlanMismatchError, ShardingError
+from autotp.plan import Entry, Plan
+
+
+def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
+    """Concrete module path -> entry, checking every planned module against the model."""
+    modules = dict(model.named_modules())
+    resolved = plan.resolve(modules.keys(), type(model).__name__)
+    resolve_slices(model, plan)
+    for path, e in resolved.items():
+        if e.style in ("colwise", "rowwise") and e.get("w") or e.style == "replicate" and e.get("w") and \
+                _weight_2d(modules[path]):  # a replicate line of a module without one changes nothing to check
+            _check_shapes(path, modules[path], e, plan.tp)
+        if e.get("rows"):
+            _check_table(path, modules[path], e, plan.tp)
+        if e.style == "experts":
+            _check_experts(path, modules[path], e, plan.tp)
+    return resolved
+
+
+def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:
+    """``path:arg`` -> its 'slice' line (checked: the argument is one the module's forward takes)."""
+    out = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__, slices=True)
+    for key, e in out.items():
+        path = key.rpartition(":")[0]
+        mod, arg = model.get_submodule(path), e.get("arg") or ""
+        try:
+            params = inspect.signature(mod.forward).parameters
+        except (TypeError, ValueError):
+            continue
+        takes_any = any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params.values())
+        if not arg.isdigit() and arg not in params and not takes_any:
+            raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' slice): {type(mod).__name__}.forward "
+                                    f"takes no argument '{arg}' (it takes {positional_names(mod) or list(params)}); "
+                                    f"fix or drop the line")
+    return out
+
+
+def _weight_2d(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    return isinstance(w, nn.Parameter) and w.dim() == 2
+
+
+def _check_experts(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    """Every named weight is a 3-D [n, ., .] parameter and tp divides what is sliced (per segment)."""
+    n, in_out, seg = int(e.get("n") or 0), e.get("w") == "in_out", e.ints("seg")
+    for key, dim in (("col", 2 if in_out else 1), ("row", 1 if in_out else 2)):
+        for name in (e.get(key) or "").split(","):
+            w = getattr(mod, name, None) if name else None
+            if not isinstance(w, nn.Parameter) or w.dim() != 3 or w.shape[0] != n:
+                raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' experts): module '{path}' "
+                                        f"({type(mod).__name__}) has no 3-D parameter '{name}' with {n} experts "
+                                        f"(found {list(getattr(w, 'shape', [])) or None}). Regenerate the plan "
+                                        f"with autotp.make_plan for this model.")
+            sizes = seg if key == "col" and seg else [w.shape[dim]]
+            if sum(sizes) != w.shape[dim] or any(s % tp for s in sizes):
+                raise ShardingError(f"module '{path}': {name} dim {dim} of size {w.shape[dim]} (segments {sizes}) "
+                                    f"is not divisible by tp={tp}; or make the line 'replicate'")
+
+
+def _check_table(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    w = getattr(mod, "weight", None)
+    want = [int(e.get("rows")), int(e.get("dim"))]
+    if not isinstance(w, nn.Parameter) or list(w.shape) != want:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' {e.style}): module '{path}' "
+                                f"({type(mod).__name__}) has no 'weight' table of shape {want} (found "
+                                f"{list(getattr(w, 'shape', [])) or None}). The plan was made for another model; "
+                                f"regenerate it with autotp.make_plan.")
+    if e.style == "vocab" and want[0] % tp:
+        ok = [t for t in range(1, want[0] + 1) if want[0] % t == 0]
+        raise ShardingError(f"module '{path}': {want[0]} rows are not divisible by tp={tp}; tp values that work: "
+                            f"{ok[:12]}; or make the line 'replicate'")
+
+
+def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 2:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' {e.style}): module '{path}' "
+                                f"({type(mod).__name__}) has no 2-D 'weight' parameter. Fix: point the line at "
+                                f"a linear layer, or regenerate the plan for this model.")
+    i, o = int(e.get("in")), int(e.get("out"))
+    want = (i, o) if e.get("w") == "in_out" else (o, i)
+    if tuple(w.shape) != want:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): module '{path}' weight is "
+                                f"{list(w.shape)}, the plan expects {list(want)} (in={i}, out={o}, w={e.get('w')}). "
+                                f"The plan was made for another model; regenerate it with autotp.make_plan.")
+    b = getattr(mod, "bias", None)
+    if b is not None and (not isinstance(b, nn.Parameter) or tuple(b.shape) != (o,)):
+        raise PlanMismatchError(f"module '{path}': bias shape {list(getattr(b, 'shape', []))} != [{o}]")
+    seg = e.ints("seg") or [o]
+    r = int(e.get("rep", "1"))
+    if e.get("gather") == "1" and (e.get("seg") or r > 1):
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): gather=1 cannot be combined with seg= or "
+                                f"rep=; drop one of them")
+    if tp % r:
+        raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
+    if e.style == "colwise" and any(s % (tp // r) for s in seg):
+        ok = [t for t in range(1, max(seg) + 1) if all(s % t == 0 for s in seg)]
+        raise ShardingError(f"module '{path}': colwise output sizes {seg} are not divisible by tp={tp}; "
+                            f"tp values that work: {ok}")
+    if e.style == "rowwise" and i % tp:
+        ok = [t for t in range(1, i + 1) if i % t == 0]
+        raise ShardingError(f"module '{path}': rowwise input features {i} not divisible by tp={tp}; "
+                            f"tp values that work: {ok}")
+
+

@@ -1,0 +1,346 @@
+"""Megatron's f/g pair as autograd functions over torch.distributed collectives.
+
+Eager code sums in place (on the layer's own output when it owns it): through the group's shared
+memory (``runtime.transports.shm``, ranks on one host) or ``dist.all_reduce``. Code compiled by
+``torch.compile`` uses the functional collectives, which dynamo traces.
+
+``copy_to_tp``   (f): identity forward, all-reduce of the gradient backward.
+``reduce_from_tp`` (g): all-reduce forward, identity backward.
+``gather_from_tp``: all-gather of the last dim forward, this rank's slice of the gradient backward.
+
+Every collective goes through :func:`all_reduce`, :func:`all_gather_last` or :func:`gather_linear`
+(an LM head's matmul and gather in one, on shared memory without autograd). Inside :func:`counting`
+(``autotp.count_collectives``) they count calls and bytes, whatever the transport (in eager mode: not inside
+``torch.compile``d code), so tests can assert exactly how much communication a forward/backward costs.
+A layer built with the group :data:`NO_COMM` communicates nothing (the plan's shape check on meta copies).
+Inside :func:`timed` (the profiler) each one is also timed and tallied under the label set by
+:func:`set_label`; outside it, a collective pays one flag check for this.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from autotp.runtime.transports import buffers
+
+_COUNTING: list[Counter] = []  # the counters of the active counting() blocks, innermost last
+
+
+class _NoComm:
+    """A stand-in group whose collectives do nothing: layers built with it run at local shapes on meta copies
+    (the plan's shape check) without a process group, and without touching any other model's collectives."""
+
+    def __repr__(self) -> str:
+        return "NO_COMM"
+
+
+NO_COMM = _NoComm()
+
+
+@dataclass
+class Tally:
+    """Collectives issued under one (label, phase): how many, their payload bytes, their wall time."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+Tallies = dict[tuple[str | None, str], Tally]
+_TALLY: list[Tallies | None] = [None]  # set inside timed()
+_LABEL: list[str | None] = [None]
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counter]:
+    """Count the collectives issued inside the block, on every transport (eager code; compiled graphs keep no
+    Python side effects): ``all_reduce.forward``, ``all_reduce.backward``, ``all_gather.forward`` and the payload
+    ``bytes.forward`` / ``bytes.backward``. Nested blocks each count what runs inside them.
+
+    >>> with counting() as n:  # doctest: +SKIP
+    ...     model(x).sum().backward()
+    >>> n["all_reduce.forward"], n["all_reduce.backward"]  # doctest: +SKIP
+    (4, 4)
+    """
+    c: Counter = Counter()
+    _COUNTING.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTING.remove(c)
+
+
+def _count(kind: str, phase: str, nbytes: int) -> None:
+    for c in _COUNTING:
+        c[f"{kind}.{phase}"] += 1
+        c[f"bytes.{phase}"] += nbytes
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[Tallies]:
+    """Time every collective (synchronously) into the yielded dict, keyed by ``(label, phase)``.
+
+    The label is whatever :func:`set_label` set last (None: no unit of the model claimed it).
+    """
+    tally: Tallies = {}
+    old, _TALLY[0] = _TALLY[0], tally
+    try:
+        yield tally
+    finally:
+        _TALLY[0] = old
+
+
+def set_label(label: str | None) -> str | None:
+    """Attribute the collectives timed from now on to ``label``; returns the previous label."""
+    old, _LABEL[0] = _LABEL[0], label
+    return old
+
+
+def _timed(op: Callable[..., torch.Tensor], x: torch.Tensor, *args, phase: str, nbytes: int) -> torch.Tensor:
+    """``op(x, *args)`` (a collective) run to completion and added to the current tally."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    out = op(x, *args)
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)
+    t = _TALLY[0].setdefault((_LABEL[0], phase), Tally())
+    t.calls, t.bytes, t.seconds = t.calls + 1, t.bytes + nbytes, t.seconds + time.perf_counter() - t0
+    return out
+
+
+def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
+    """Eager: one in-place ``dist.all_reduce`` (of ``x`` itself when the caller owns it, else of a copy).
+    Compiled: the functional collective, which dynamo traces."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", group))
+    y = x if owned and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
+    return _sum(y, group)
+
+
+_SHM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its autotp.runtime.transports.shm.ShmSum, if it has one
+
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> buffers.Pool of its gloo gathers
+
+
+def _pool(group) -> buffers.Pool:
+    key = group if group is not None else dist.group.WORLD
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = buffers.Pool()
+    return pool
+
+
+def shared_memory_of(group) -> Any:
+    """The ``autotp.runtime.transports.shm.ShmSum`` that ``group`` (None: the world) communicates through, or None."""
+    try:
+        return _SHM.get(group if group is not None else dist.group.WORLD)
+    except TypeError:  # not a group object (no process group initialized)
+        return None
+
+
+def use_shared_memory(group) -> bool:
+    """Sum over ``group`` through shared memory from now on, if its ranks share this host (collective:
+    every rank calls it). See ``runtime.transports.shm``; ``parallelize`` calls it unless ``AUTOTP_SHM=0``."""
+    from autotp.runtime.transports.shm import setup
+
+    group = group if group is not None else dist.group.WORLD
+    if group not in _SHM:
+        s = setup(group)
+        if s is None:
+            return False
+        _SHM[group] = s
+    return True
+
+
+def _span(name: str) -> contextlib.AbstractContextManager:
+    """A named torch.profiler span while a profiler records (shared-memory collectives have no op of
+    their own to show); nothing otherwise, since opening one costs more than a decode step's sum."""
+    return torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else contextlib.nullcontext()
+
+
+def _sum(y: torch.Tensor, group) -> torch.Tensor:
+    """``y`` summed over ``group`` in place (eager)."""
+    s = shared_memory_of(group)
+    if s is None or y.device.type != "cpu":
+        dist.all_reduce(y, group=group)
+        return y
+    with _span("autotp::shm_all_reduce"):
+        return s(y)
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    """Eager: into one preallocated output. On gloo, whose all-gather is slower than its all-reduce of
+    the same bytes, each rank writes its slice into a zeroed full-width buffer and the ranks all-reduce
+    it (exact: every other term is zero). With a shared-memory group (``runtime.transports.shm``): copied side by side."""
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+    tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
+    s = shared_memory_of(group)
+    if s is not None and x.device.type == "cpu":
+        with _span("autotp::shm_all_gather"):
+            return s.gather_last(x.contiguous())
+    if str(dist.get_backend(group)) == "gloo":
+        shape = (*x.shape[:-1], n * tp)
+        full = (_pool(group).empty(shape, x.dtype) if x.device.type == "cpu" else x.new_empty(shape)).zero_()
+        full[..., rank * n:(rank + 1) * n] = x
+        return _sum(full, group)
+    out = x.new_empty((tp, *x.shape))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
+
+
+def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> torch.Tensor:
+    """Sum ``x`` over ``group``; ``phase`` ('forward'/'backward') is what gets counted.
+
+    ``owned``: the caller made ``x`` and reads it nowhere else, so it may be summed in place.
+    """
+    if group is NO_COMM or x.device.type == "meta":
+        return x
+    nbytes = x.numel() * x.element_size()
+    if _COUNTING and not torch.compiler.is_compiling():  # compiled graphs keep no Python side effects
+        _count("all_reduce", phase, nbytes)
+    if _TALLY[0] is not None:
+        return _timed(_reduce, x, group, owned, phase=phase, nbytes=nbytes)
+    return _reduce(x, group, owned)
+
+
+def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
+    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order); counted bytes are the gathered size."""
+    if group is NO_COMM or x.device.type == "meta":  # shape checks: the gathered shape, no data
+        return x.repeat(*([1] * (x.dim() - 1)), tp)
+    nbytes = x.numel() * x.element_size() * tp
+    if _COUNTING and not torch.compiler.is_compiling():
+        _count("all_gather", "forward", nbytes)
+    if _TALLY[0] is not None:
+        return _timed(_gather, x, group, phase="forward", nbytes=nbytes)
+    return _gather(x, group)
+
+
+def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_out: bool, group,
+                  tp: int) -> torch.Tensor | None:
+    """The all-gathered output of a column-split linear (an LM head), for forwards without autograd,
+    computed on a shared-memory group: each piece of rows goes straight into this rank's slot, so the
+    local logits are never a tensor of their own and are copied once, into the full-width output.
+    Counted as one all-gather. None where that does not apply (no shared memory, not on the CPU,
+    compiled, dry, or profiling, which times the matmul and the gather apart): the caller runs its
+    linear and :func:`all_gather_last` instead.
+    """
+    s = None if torch.compiler.is_compiling() or group is NO_COMM else shared_memory_of(group)
+    if s is None or x.device.type != "cpu" or _TALLY[0] is not None or x.dtype != weight.dtype:
+        return None
+    w = weight if in_out else weight.t()  # (in, n)
+    rows, n = x.reshape(-1, x.shape[-1]), w.shape[1]
+    if _COUNTING:
+        _count("all_gather", "forward", rows.shape[0] * n * tp * x.element_size())
+
+    def compute(a: int, b: int, out: torch.Tensor) -> None:
+        if bias is None:
+            torch.mm(rows[a:b], w, out=out)
+        else:
+            torch.addmm(bias, rows[a:b], w, out=out)
+
+    with _span("autotp::shm_linear_all_gather"):
+        out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
+    return out.view(*x.shape[:-1], n * tp)
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, rank, tp):
+        ctx.n, ctx.rank = x.shape[-1], rank
+        return all_gather_last(x, group, tp)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(-1, ctx.rank * ctx.n, ctx.n), None, None, None
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad, ctx.group, "backward"), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, owned):
+        y = all_reduce(x, group, "forward", owned=owned)
+        if y is x:
+            ctx.mark_dirty(x)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class CopyCache:
+    """One f per input tensor: column layers that read the same tensor share its f.
+
+    q, k and v (or gate and up) all read one normalized hidden state; autograd sums
+    their partial input-gradients into the shared f's output before f's backward runs,
+    so a group costs one backward all-reduce, not one per column layer.
+    """
+
+    def __init__(self) -> None:
+        self._src: weakref.ref | None = None
+        self._out: torch.Tensor | None = None  # held until the group's row layer clears it
+        self._group = None
+
+    def get(self, x: torch.Tensor, group) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        src = self._src() if self._src is not None else None
+        if src is x and self._out is not None and self._group is group:
+            return self._out
+        out = _CopyToTP.apply(x, group)
+        self._src, self._out, self._group = weakref.ref(x), out, group
+        return out
+
+    def clear(self) -> None:
+        self._src = self._out = None
+
+
+def copy_to_tp(x: torch.Tensor, group, cache: CopyCache | None = None) -> torch.Tensor:
+    if cache is not None:
+        return cache.get(x, group)
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return x
+    return _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group, *, owned: bool = False) -> torch.Tensor:
+    """g: all-reduce forward, identity backward. ``owned``: ``x`` is the caller's fresh tensor (a layer's
+    own matmul output), summed in place."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReduceFromTP.apply(x, group, owned)
+    return all_reduce(x, group, "forward", owned=owned)
+
+
+def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GatherFromTP.apply(x, group, rank, tp)
+    return all_gather_last(x, group, tp)
+
+
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return dist.get_rank(group)

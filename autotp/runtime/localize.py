@@ -1,0 +1,175 @@
+"""Make a module's forward use local sizes along sharded dims.
+
+Some code bakes global sizes into reshapes: nanoGPT's ``y.view(B, T, C)`` takes ``C``
+from the (replicated) input, and ``view(B, T, self.n_head, ...)`` a literal head count.
+After its projections are sharded, such a module is traced with torch.fx (children are
+leaves), run twice on meta tensors — dense and sharded — and every view/reshape/split/
+expand whose size along the sharded dim is still the global one is rewritten to the
+local one (literal ``n`` -> ``n // tp``; a computed size -> ``size // tp``). The new
+forward is bound to the same module object, so its class and attributes stay.
+"""
+from __future__ import annotations
+
+import operator
+import types
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autotp.errors import RewriteError
+from autotp.planner.layouts import NoRule
+from autotp.planner.rules.shapes import map_reshape
+
+_RESHAPES = {"view", "reshape", torch.reshape}
+_SPLITS = {"split", torch.split}
+_EXPANDS = {"expand"}
+
+
+class _ChildrenAreLeaves(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def _kind(n: fx.Node) -> str | None:
+    if n.op not in ("call_method", "call_function"):
+        return None
+    for name, group in (("reshape", _RESHAPES), ("split", _SPLITS), ("expand", _EXPANDS)):
+        if n.target in group:
+            return name
+    return None
+
+
+class _Run(fx.Interpreter):
+    """Runs the graph, remembering every node's value; ``fix`` edits shape args before each call."""
+
+    def __init__(self, gm: fx.GraphModule, fix=None):
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+        self.fix = fix
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.fix is not None and _kind(n):
+            self.fix(n, self)
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+def _sharded_dim(local: torch.Tensor, glob: torch.Tensor, tp: int) -> int | None:
+    diff = [d for d, (a, b) in enumerate(zip(local.shape, glob.shape)) if a != b]
+    if not diff:
+        return None
+    if len(diff) != 1 or local.shape[diff[0]] * tp != glob.shape[diff[0]]:
+        raise RewriteError(f"local shape {list(local.shape)} vs global {list(glob.shape)}: not a tp={tp} shard")
+    return diff[0]
+
+
+def _sizes(n: fx.Node) -> tuple[list[Any], bool]:
+    """The size arguments of a reshape/expand call, and whether they were passed as one tuple."""
+    rest = list(n.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0]), True
+    return rest, False
+
+
+def _set_sizes(n: fx.Node, sizes: list[Any], packed: bool) -> None:
+    n.args = (n.args[0], tuple(sizes)) if packed else (n.args[0], *sizes)
+
+
+def _localize_value(graph: fx.Graph, n: fx.Node, v: Any, tp: int, run: "_Run") -> Any:
+    if isinstance(v, int):
+        return v // tp
+    with graph.inserting_before(n):
+        new = graph.call_function(operator.floordiv, (v, tp))
+    run.env[new] = run.env[v] // tp  # the interpreter has passed this point already
+    return new
+
+
+def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args: tuple, kwargs: dict,
+                    tp: int) -> tuple[fx.Graph, int]:
+    """Trace ``module`` and rewrite its shape args; ``dense``/``local`` are meta copies to run on."""
+    graph = _ChildrenAreLeaves().trace(module)
+    glob = _Run(fx.GraphModule(dense, graph))
+    glob.run(*_flat_inputs(graph, args, kwargs))
+    edits = [0]
+
+    def fix(n: fx.Node, run: _Run) -> None:
+        x = run.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
+        xg = glob.values.get(n.args[0])
+        if not isinstance(x, torch.Tensor) or not isinstance(xg, torch.Tensor):
+            return
+        d = _sharded_dim(x, xg, tp)
+        if d is None:
+            return
+        kind = _kind(n)
+        if kind == "split":
+            size = n.args[1] if len(n.args) > 1 else n.kwargs["split_size_or_sections"]
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            if dim % x.dim() != d:
+                return
+            val = run.env[size] if isinstance(size, fx.Node) else size
+            gsz = [int(t.shape[d]) for t in glob.values[n]]
+            if (val if isinstance(val, int) else list(val)[0]) == gsz[0]:
+                new = _localize_value(graph, n, size, tp, run) if not isinstance(size, (list, tuple)) else \
+                    [_localize_value(graph, n, s, tp, run) for s in size]
+                n.args = (n.args[0], new, *n.args[2:])
+                edits[0] += 1
+            return
+        sizes, packed = _sizes(n)
+        gout = tuple(glob.values[n].shape)
+        if kind == "reshape":
+            try:
+                j = map_reshape(tuple(xg.shape), gout, d)
+            except NoRule as e:
+                raise RewriteError(f"cannot localize {n.format_node()}: {e}") from e
+        else:
+            j = d + len(gout) - xg.dim()
+        val = run.env[sizes[j]] if isinstance(sizes[j], fx.Node) else sizes[j]
+        if val == gout[j] and val != -1:
+            sizes[j] = _localize_value(graph, n, sizes[j], tp, run)
+            _set_sizes(n, sizes, packed)
+            edits[0] += 1
+
+    _Run(fx.GraphModule(local, graph), fix).run(*_flat_inputs(graph, args, kwargs))
+    graph.lint()
+    return graph, edits[0]
+
+
+def _flat_inputs(graph: fx.Graph, args: tuple, kwargs: dict) -> list[Any]:
+    out, it = [], iter(args)
+    for n in graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.target.startswith("*"):
+            out.extend(it)
+            continue
+        name = n.target.lstrip("*")
+        nxt = next(it, _MISSING)
+        if nxt is not _MISSING:
+            out.append(nxt)
+        elif name in kwargs:
+            out.append(kwargs[name])
+        else:
+            out.append(n.args[0] if n.args else None)
+    return out
+
+
+_MISSING = object()
+
+
+def install(module: nn.Module, graphs: dict[bool, fx.Graph]) -> None:
+    """Bind forwards generated from ``graphs`` (keyed by training mode) to ``module`` itself."""
+    fns = {}
+    for mode, g in graphs.items():
+        code = g.python_code(root_module="self")
+        ns = dict(code.globals)
+        exec(compile(code.src, f"<autotp localized {type(module).__name__}>", "exec"), ns)  # noqa: S102
+        fns[mode] = ns["forward"]
+
+    def forward(self, *args, **kwargs):
+        return fns[self.training](self, *args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    module._autotp_localized = True

@@ -1,0 +1,106 @@
+"""Translation check: a meta copy of the model is rewritten with the plan at local shapes, captured again, and
+every op of every module not swapped is compared with the original (same ops, the planned local shapes)."""
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from autotp.capture.export import Captured, capture, meta_copy
+from autotp.errors import CaptureError, RewriteError
+from autotp.plan import glob_regex
+from autotp.planner.groups import Analysis
+from autotp.runtime import collectives
+from autotp.runtime.apply import apply_plan
+
+
+def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list[tuple[str | None, str]]:
+    """Rewrite a meta copy at local shapes, capture it again and compare every shape with the plan."""
+    m = meta_copy(model)
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # a failing candidate logs a traceback there
+    level, quiet.level = quiet.level, logging.CRITICAL
+    try:
+        return _verify(model, m, a, c, example_inputs)
+    finally:
+        quiet.setLevel(level)
+
+
+def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list:
+    try:  # layers of the meta copy get a group whose collectives do nothing: no process group is needed
+        apply_plan(m, a.plan, rank=0, tp=a.plan.tp, group=collectives.NO_COMM, example_inputs=example_inputs)
+        c2 = capture(m, example_inputs)
+    except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
+        return [(None, str(e).splitlines()[0][:300])]
+    swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
+    sliced = [glob_regex(e.path) for e in a.plan.entries if e.style == "slice"]
+    return _compare(c, c2, a.layouts, swapped, a.plan.tp, sliced)
+
+
+# ops a capture may drop when they do nothing at local shapes (e.g. contiguous() of one head)
+_MAYBE_NOOP = {torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, torch.ops.aten.alias.default,
+               torch.ops.aten.detach.default}
+
+
+def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int,
+             sliced: list | None = None) -> list[tuple[str, str]]:
+    def seq(g: Captured) -> dict[str, list[fx.Node]]:
+        out: dict[str, list[fx.Node]] = {}
+        for n in g.graph.nodes:
+            if n.op == "call_function" and g.shape(n) is not None and n.target not in _MAYBE_NOOP:
+                o = g.owner(n)
+                if o not in swapped:
+                    out.setdefault(o, []).append(n)
+        return out
+
+    s1, s2, problems = seq(c), seq(c2), []
+    for owner, nodes in s1.items():
+        other = s2.get(owner, [])
+        pairs = _match(nodes, other, any(rx.fullmatch(owner) for rx in sliced or ()))
+        if pairs is None:
+            problems.append((owner, f"module '{owner}' runs different ops after sharding"))
+            continue
+        for n, m in pairs:
+            want = list(c.shape(n))
+            lay = layouts.get(n)
+            if lay is not None and not isinstance(lay, list):
+                want = lay.local(want, tp)
+            if list(c2.shape(m)) != want:
+                problems.append((owner, f"{n.format_node()} in '{owner}': local shape {list(c2.shape(m))}, "
+                                        f"expected {want}"))
+    return problems
+
+
+# data-movement ops that local code may skip when they become identities (repeat_kv with one copy per rank)
+_LAYOUT_ONLY = {torch.ops.aten.expand.default, torch.ops.aten.reshape.default, torch.ops.aten.view.default,
+                torch.ops.aten.unsqueeze.default, torch.ops.aten.slice.Tensor, torch.ops.aten._unsafe_view.default,
+                torch.ops.aten.squeeze.dim}
+
+
+# what slicing an argument on its way into a module adds to that module's ops ('slice' lines)
+_SLICING = _LAYOUT_ONLY | {torch.ops.aten.narrow.default, torch.ops.aten.unflatten.int,
+                           torch.ops.aten.flatten.using_ints}
+
+
+def _match(a: list[fx.Node], b: list[fx.Node], sliced: bool = False) -> list[tuple[fx.Node, fx.Node]] | None:
+    """Pair the ops of a module before and after sharding; only data-movement ops may go missing, and
+    a module that slices an argument on its way in may run the ops that slice it."""
+    ta, tb = [n.target for n in a], [n.target for n in b]
+    if ta == tb:
+        return list(zip(a, b))
+    pairs = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=ta, b=tb, autojunk=False).get_opcodes():
+        if tag == "equal":
+            pairs += list(zip(a[i1:i2], b[j1:j2]))
+        elif tag == "delete" and all(t in _LAYOUT_ONLY for t in ta[i1:i2]):
+            continue
+        elif tag == "insert" and sliced and all(t in _SLICING for t in tb[j1:j2]):
+            continue  # an argument sliced on its way in (a 'slice' line)
+        else:
+            return None
+    return pairs
+
+

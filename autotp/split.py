@@ -1,0 +1,106 @@
+"""Which slice of each tensor a rank holds: the one place that says it.
+
+A plan line divides its module's parameters among ranks (``split_of``); the sharded layers slice with
+it, shard-on-load reads exactly those index ranges, sharded checkpoints are merged with it, and the parity
+checks compare each rank's parameters and gradients with that slice of the dense ones. Pure: sizes and
+``Entry``s in, index ranges out (``Split.take`` applies them to a tensor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from autotp.plan import Entry
+
+SHARDING = ("colwise", "rowwise", "vocab", "experts")  # the styles whose lines split parameters
+
+
+def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Index ranges along one dim that ``rank`` keeps.
+
+    Each segment (a fused projection's q|k|v parts; one segment by default) is split
+    into ``tp`` equal contiguous pieces and rank ``r`` keeps piece ``r`` of every segment.
+
+    >>> shard_ranges(12, 1, 2, [4, 4, 4])
+    [(2, 4), (6, 8), (10, 12)]
+    """
+    segments = list(segments) if segments else [size]
+    if sum(segments) != size:
+        raise ValueError(f"segments {segments} do not add up to size {size}")
+    out, off = [], 0
+    for seg in segments:
+        if seg % tp:
+            raise ValueError(f"segment of size {seg} is not divisible by tp={tp}")
+        step = seg // tp
+        out.append((off + rank * step, off + (rank + 1) * step))
+        off += seg
+    return out
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a plan line divides a tensor among ranks: along ``dim`` (None: every rank holds all of it) into
+    ``tp // rep`` blocks, each fused segment (``seg=``) separately; ``rep`` neighbouring ranks share a block."""
+
+    dim: int | None = None
+    tp: int = 1
+    rep: int = 1
+    segments: tuple[int, ...] | None = None
+
+    def ranges(self, size: int, rank: int) -> list[tuple[int, int]]:
+        """Index ranges along ``dim`` of a full tensor (``size`` long there) that ``rank`` holds."""
+        return shard_ranges(size, rank // self.rep, self.tp // self.rep, self.segments)
+
+    def take(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """The part of ``full`` that ``rank`` holds: a contiguous copy (the full tensor can be freed), or
+        ``full`` itself when nothing is split."""
+        if self.dim is None:
+            return full
+        parts = [full.narrow(self.dim, a, b - a) for a, b in self.ranges(full.shape[self.dim], rank)]
+        if len(parts) == 1:  # a copy, so the full storage is not kept alive by a view
+            return parts[0].clone(memory_format=torch.contiguous_format)
+        return torch.cat(parts, self.dim)
+
+    def local_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape every rank holds of a full tensor of ``shape``."""
+        if self.dim is None:
+            return tuple(shape)
+        return tuple(s // (self.tp // self.rep) if d == self.dim else s for d, s in enumerate(shape))
+
+    def full_shape(self, local: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the full tensor of which each rank holds ``local``."""
+        if self.dim is None:
+            return tuple(local)
+        return tuple(s * (self.tp // self.rep) if d == self.dim else s for d, s in enumerate(local))
+
+
+def split_of(entry: Entry | None, leaf: str, tp: int) -> Split:
+    """The split of parameter ``leaf`` of a module planned by ``entry``, as ``runtime.layers`` slices it.
+
+    colwise: the output dim (dim 1 of an ``in_out`` weight, else 0; a bias: 0), with ``seg=`` and ``rep=``;
+    rowwise: the weight's input dim (the bias is added once, whole); vocab: the table's rows; experts: the
+    ``col=`` weights' output dim (with ``seg=``), the ``row=`` weights' input dim, of every expert.
+
+    >>> split_of(Entry("attn.c_attn", "colwise", (("w", "in_out"), ("seg", "4,4,4"))), "weight", 2).ranges(12, 1)
+    [(2, 4), (6, 8), (10, 12)]
+    """
+    if entry is None or tp == 1:
+        return Split()
+    in_out = entry.get("w") == "in_out"
+    if entry.style == "colwise" and leaf in ("weight", "bias"):
+        seg = entry.ints("seg")
+        dim = 1 if in_out and leaf == "weight" else 0
+        return Split(dim, tp, int(entry.get("rep", "1")), tuple(seg) if seg else None)
+    if entry.style == "rowwise" and leaf == "weight":
+        return Split(0 if in_out else 1, tp)
+    if entry.style == "vocab" and leaf == "weight":
+        return Split(0, tp)
+    if entry.style == "experts":  # [experts, out, in] weights, or [experts, in, out] for w=in_out
+        seg = entry.ints("seg")
+        if leaf in (entry.get("col") or "").split(","):
+            return Split(2 if in_out else 1, tp, 1, tuple(seg) if seg else None)
+        if leaf in (entry.get("row") or "").split(","):
+            return Split(1 if in_out else 2, tp)
+    return Split()
