@@ -21,6 +21,7 @@ from autotp.runtime import collectives
 from autotp.runtime.apply import apply_plan
 from autotp.runtime.fixups import fix_sizes
 from autotp.runtime.ranks import all_ranks, group_size
+from autotp.runtime.training import same_on_every_rank
 from autotp.runtime.transports import shm
 from autotp.runtime.verify import verify
 
@@ -35,16 +36,26 @@ def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: 
               reuse_blocks: bool = True) -> Plan:
     """Analyse ``model`` (no process group, no weights touched; meta models work) and return its Plan.
 
-    ``reuse_blocks``: plan repeated blocks once (see ``autotp.planner.blocks``); the plan is the same as
-    planning every block, in a fraction of the time for deep models.
+    ``reuse_blocks``: plan repeated blocks once (see ``autotp.planner.blocks``) and extend the plan to the
+    rest; the extended plan is then proven on the whole model's graph (``check_plan``), and where the model
+    treats a later block differently (a parent loop that does more for its last block) every block is planned.
 
     >>> plan = make_plan(MyModel(cfg), 2, example_inputs=(torch.randint(0, 100, (2, 16)),))  # doctest: +SKIP
     >>> plan.save("my_model.tp2.plan")  # doctest: +SKIP
     """
-    cuts = blocks.find_cuts(model) if reuse_blocks else []
-    if cuts:
-        plan = _plan_cut(model, tp, cuts, example_inputs=example_inputs, strict=strict)
-        if plan is not None:
+    example_inputs = default_inputs(model, example_inputs)
+    cuts = blocks.find_cuts(model) if reuse_blocks and tp > 1 else []
+    plan = _plan_cut(model, tp, cuts, example_inputs=example_inputs, strict=strict) if cuts else None
+    if plan is not None:
+        try:
+            check_plan(model, plan, example_inputs=example_inputs)
+            return plan
+        except PlanMismatchError as e:
+            log.info("autotp: planning every block (the plan of the repeated blocks does not hold for the whole "
+                     "model: %s)", str(e).replace("\n", " ")[:300])
+        except CaptureError as e:
+            log.warning("autotp: the plan of the repeated blocks is unchecked (the whole model cannot be "
+                        "captured: %s)", str(e).splitlines()[0][:300])
             return plan
     return analyse(model, tp, example_inputs=example_inputs, strict=strict).plan
 
@@ -124,8 +135,9 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
                 example_inputs: Any = None, group: Any = None) -> nn.Module:
     """Shard ``model`` in place over ``group`` (default: the world) and return it.
 
-    A ``plan`` passed in is checked first (``check_plan``): one that would change
-    the model's numbers is refused with PlanMismatchError, naming each wrong line and the fix.
+    Every plan is proven on the whole model's graph before any weight is touched: ``make_plan``'s (which
+    checks a plan extended from repeated blocks), and one passed in (``check_plan``): one that would change the
+    model's numbers is refused with PlanMismatchError, naming each wrong line and the fix.
 
     >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
     >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
@@ -137,13 +149,15 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
                          "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
     group, tp = group_size(group, tp)
     rank = dist.get_rank(group)
+    if tp > 1:  # a collective every rank reaches, before anything can fail on one rank only
+        same_on_every_rank(model, group)
     with all_ranks(group if tp > 1 else None, "parallelize", AGREE_S):  # an error on one rank stops every rank
         example_inputs = default_inputs(model, example_inputs)
         if isinstance(plan, (str, Path)):
             plan = load_plan(plan)
         given = plan is not None
         if plan is None:
-            plan = make_plan(model, tp, example_inputs=example_inputs)
+            plan = make_plan(model, tp, example_inputs=example_inputs)  # proven on the whole model's graph
         if plan.tp != tp:
             raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
                                     f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")

@@ -7,7 +7,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from models import (GPT, AlibiNet, EinsumNet, GPTConfig, MHAViT, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
+from models import (GPT, AlibiNet, EinsumNet, GateTrap, GPTConfig, HeadsLastAttention, LastBlockDiffers, MHAViT, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
                     TorchEncoder, TwiceTrap)
 
 import autotp
@@ -34,13 +34,18 @@ def build(name: str):
         return TorchEncoder(), torch.randn(3, 7, 32)
     if name == "mha_vit":
         return MHAViT(), torch.randn(3, 6, 48)
+    if name == "last_block_differs":  # the parent's loop reads the last block's up itself: that block replicated
+        return LastBlockDiffers(), torch.randn(3, 5, 32)
+    if name == "heads_last":  # heads laid out last: v alone could be sharded, but the probabilities need grads
+        return HeadsLastAttention(), torch.randn(3, 5, 32)
     traps = {"trap_norm": NormTrap, "trap_residual": ResidualTrap, "trap_twice": TwiceTrap,
-             "trap_reduce": ReduceTrap}
+             "trap_reduce": ReduceTrap, "trap_gate": GateTrap}
     return traps[name](), torch.randn(3, 5, 16)
 
 
 CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged", "trap_norm", "trap_residual",
-         "trap_twice", "trap_reduce", "torch_encoder", "mha_vit"]
+         "trap_twice", "trap_reduce", "torch_encoder", "mha_vit", "last_block_differs",
+         "heads_last", "trap_gate"]
 
 
 def _held_fraction(e, leaf: str, tp: int) -> tuple[int, int]:

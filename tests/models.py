@@ -379,3 +379,62 @@ class MHAViT(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(self.ln(x)[:, 0])
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, dim: int = 32, hidden: int = 64):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.ln(x))))
+
+
+class LastBlockDiffers(nn.Module):
+    """Identical blocks, but the parent's loop does more for the last one (it reads that block's ``up`` itself):
+    a plan made for the first blocks and extended to the rest would shard a value the parent reduces."""
+
+    def __init__(self, dim: int = 32, blocks: int = 5):
+        super().__init__()
+        self.blocks = nn.ModuleList([MLPBlock(dim) for _ in range(blocks)])
+        self.last = blocks - 1  # from the config, as reference code writes n_layers - 1
+
+    def forward(self, x):
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if i == self.last:
+                x = x + b.up(b.ln(x)).mean(-1, keepdim=True)
+        return x
+
+
+class HeadsLastAttention(nn.Module):
+    """Heads laid out last (``view(B, T, -1, heads)``): column sharding splits each head's features, q.k^T then
+    contracts over the sharded dim, so q and k stay whole; the replicated attention probabilities meet the
+    sharded v, and in backward each rank would get only part of their gradient."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.ln(x)
+        q, k, v = (f(h).view(B, T, -1, self.heads).permute(0, 3, 1, 2) for f in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1) / math.sqrt(C // self.heads)).softmax(-1)
+        y = (att @ v).permute(0, 2, 3, 1).reshape(B, T, C)  # (B, T, head_dim, heads) -> (B, T, C)
+        return x + self.o(y)
+
+
+class GateTrap(nn.Module):
+    """A replicated gate computed from the input scales a sharded hidden layer (broadcast over its features):
+    the gate's gradient would be partial on each rank."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32):
+        super().__init__()
+        self.fc1, self.fc2, self.gate = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.Linear(dim, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) * torch.sigmoid(self.gate(x)))

@@ -120,3 +120,17 @@ def test_deep_meta_model_plans_from_a_prefix():
     resolved = resolve(m, plan)
     assert sum(e.style == "rowwise" for e in resolved.values()) == 48
     assert resolved["model.layers.23.mlp.down_proj"].style == "rowwise"
+
+
+def test_a_parent_that_treats_a_later_block_differently_gets_every_block_planned():
+    """The loop reads block 4's ``up`` itself (``if i == self.last``): planned on blocks 0-2 and extended, block 4
+    would be sharded under a value the parent reduces. make_plan proves the extended plan on the whole graph,
+    finds that, and plans every block."""
+    from models import LastBlockDiffers
+
+    model, x = LastBlockDiffers(), torch.randn(2, 3, 32)
+    plan = autotp.make_plan(model, 2, example_inputs=(x,))
+    assert plan.to_text() == autotp.make_plan(model, 2, example_inputs=(x,), reuse_blocks=False).to_text()
+    lines = plan.resolve(dict(model.named_modules()).keys())
+    assert [lines[f"blocks.{i}.up"].style for i in range(5)] == ["colwise"] * 4 + ["replicate"], plan.to_text()
+    autotp.check_plan(model, plan, example_inputs=(x,))

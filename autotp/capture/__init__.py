@@ -1,0 +1,1 @@
+"""Capture: model -> ATen graph on a meta copy (``export``), and the inputs to capture it with (``inputs``)."""

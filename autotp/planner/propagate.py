@@ -12,6 +12,7 @@ from typing import Any
 import torch.fx as fx
 
 from autotp.capture.export import Captured
+from autotp.planner.grads import activation_grads
 from autotp.planner.layouts import Need, NoRule, Shard
 from autotp.planner.rules import rule_for
 from autotp.planner.sites import Site, experts_boundary, op_name
@@ -96,7 +97,21 @@ class Propagation:
         rule = rule_for(n.target)
         if rule is None:
             raise NoRule(f"no sharding rule for {op_name(n)} (at {n.name}); the value must be replicated")
-        return rule(self, n)
+        out = rule(self, n)
+        if out is not None:
+            self._whole_gradients(n)
+        return out
+
+    def _whole_gradients(self, n: fx.Node) -> None:
+        """Refuse a sharded output computed with a replicated operand that needs its gradient (``grads``)."""
+        need = activation_grads(self.c)
+        ins: list = []
+        fx.node.map_arg((n.args, n.kwargs), ins.append)
+        for a in ins:
+            if isinstance(a, fx.Node) and a in need and self.layout(a) is None:
+                raise NoRule(f"{n.name} ({n.target}) combines a sharded value with a replicated one that needs its "
+                             f"gradient ({op_name(a)} in '{self.c.owner(a) or '<root>'}'): each rank would "
+                             f"back-propagate only part of that gradient")
 
     def grow(self, cols: list[Site]) -> list[Site]:
         order = self.c.order

@@ -1,0 +1,1 @@
+"""How ranks exchange tensors: shared memory between ranks on one host (``shm``), and reused output buffers."""

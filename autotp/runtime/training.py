@@ -1,0 +1,121 @@
+"""Training a parallelized model safely: every rank starts from the same model, and gradient clipping sees the
+whole gradient.
+
+``same_on_every_rank`` fingerprints each parameter before it is sharded and compares the fingerprints in one
+all-reduce: ranks that built the model with different seeds would otherwise each take their slice of another
+model. ``clip_grad_norm_`` is torch's, with the norm taken over the tensor-parallel group: each sharded
+parameter's slices are counted once over the ranks (a block held by ``rep`` ranks once, not ``rep`` times),
+each replicated parameter once, so every rank clips by the same factor and replicated parameters stay equal.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from autotp.errors import GroupError, RankError
+from autotp.split import split_of
+
+
+def same_on_every_rank(model: nn.Module, group: Any) -> None:
+    """Raise RankError (on every rank) naming the first parameter whose values differ between the ranks.
+
+    One all-reduce of two float64 numbers per parameter (their sum and their sum of squares, with the
+    negated copies so that a MAX gives both the largest and the smallest); parameters on the meta device
+    (shard-on-load fills them later from one checkpoint) are skipped.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta"]
+    if not named:
+        return
+    with torch.no_grad():
+        fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                          for _, p in named]).reshape(-1)
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    both = torch.cat([fp, -fp]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = both[: fp.numel()].cpu(), -both[fp.numel():].cpu()
+    mine = fp
+    tol = 1e-12 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
+    differ = ((hi - lo) > tol).reshape(-1, 2).any(dim=1)
+    if differ.any():
+        i = int(differ.nonzero()[0])
+        name, p = named[i]
+        rank = dist.get_rank(group)
+        raise RankError(
+            f"rank {rank}: parameter '{name}' {list(p.shape)} differs between the ranks (its sum is "
+            f"{float(lo[2 * i]):.6g} on one rank, {float(hi[2 * i]):.6g} on another; {int(differ.sum())} of "
+            f"{len(named)} parameters differ). Every rank must hold the same model before it is sharded: seed "
+            f"identically before building it (torch.manual_seed(0) on every rank), or load the same weights "
+            f"(autotp.from_pretrained). This rank's sum: {float(mine[2 * i]):.6g}.")
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *, group: Any = None,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """Clip the gradients of a parallelized ``model`` in place by their total norm over the whole model.
+
+    The same as ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` on the unsharded model: the norm
+    counts each sharded parameter's slices on all ranks once and each replicated parameter once, so every
+    rank scales by the same factor. Returns the total norm (the same on every rank).
+
+    >>> loss.backward()  # doctest: +SKIP
+    >>> autotp.clip_grad_norm_(model, 1.0)  # doctest: +SKIP
+    >>> optimizer.step()  # doctest: +SKIP
+    """
+    plan = getattr(model, "_autotp_plan", None)
+    if plan is None:
+        raise GroupError("autotp.clip_grad_norm_ takes a model returned by autotp.parallelize (or from_pretrained); "
+                         "for an unsharded model use torch.nn.utils.clip_grad_norm_")
+    norm_type = float(norm_type)
+    sharded, whole = _grads_by_split(model, plan)
+    grads = [g for g, _ in sharded] + whole
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    if math.isinf(norm_type):
+        local = torch.stack([g.detach().abs().max().float() for g in grads]).max() if grads else torch.zeros(())
+        total = local.to(device)
+        if plan.tp > 1 and dist.is_initialized():
+            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
+    else:
+        part = sum((g.detach().float().abs().pow(norm_type).sum() / rep for g, rep in sharded), torch.zeros((), device=device))
+        total = part.clone()
+        if plan.tp > 1 and dist.is_initialized():
+            dist.all_reduce(total, group=group)  # the sharded parameters' share of every rank
+        total = total + sum((g.detach().float().abs().pow(norm_type).sum() for g in whole), torch.zeros((), device=device))
+        total = total.pow(1.0 / norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be "
+                           f"clipped; pass error_if_nonfinite=False to clip anyway")
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.device, g.dtype))
+    return total
+
+
+def _grads_by_split(model: nn.Module, plan) -> tuple[list[tuple[torch.Tensor, int]], list[torch.Tensor]]:
+    """(sharded gradients with the number of ranks holding each block, replicated gradients); a tied
+    parameter once."""
+    lines = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__)
+    sharded: list[tuple[torch.Tensor, int]] = []
+    whole: list[torch.Tensor] = []
+    for name, p in _unique(model.named_parameters()):
+        if p.grad is None:
+            continue
+        path, _, leaf = name.rpartition(".")
+        split = split_of(lines.get(path), leaf, plan.tp)
+        if split.dim is None:
+            whole.append(p.grad)
+        else:
+            sharded.append((p.grad, split.rep))
+    return sharded, whole
+
+
+def _unique(named: Iterable[tuple[str, nn.Parameter]]) -> Iterable[tuple[str, nn.Parameter]]:
+    seen: set[int] = set()
+    for n, p in named:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield n, p
