@@ -1,4 +1,4 @@
-"""``python -m autotp``: the command line (see ``autotp.cli``)."""
+"""``python -m autotp``: the command line (see ``autotp.tools.cli``)."""
 import sys
 
 from autotp.tools.cli import main

@@ -11,15 +11,15 @@ import torch.nn as nn
 
 from autotp.capture.export import capture
 from autotp.capture.inputs import default_inputs
-from autotp.errors import CaptureError, GroupError, PlanMismatchError
+from autotp.errors import CaptureError, GroupError, PlanMismatchError, RewriteError
 from autotp.plan import Plan, compress, glob_of, load_plan, summarize
 from autotp.planner import blocks
-from autotp.planner.check import check_graph, needs_shape_check
+from autotp.planner.check import check_graph, needs_translation_check
 from autotp.planner.groups import Analysis, plan_graph
 from autotp.planner.resolve import resolve, resolve_slices
 from autotp.runtime import collectives
 from autotp.runtime.apply import apply_plan
-from autotp.runtime.fixups import fix_sizes
+from autotp.runtime.fixups import Unproven, fix_sizes, unproven_layers
 from autotp.runtime.ranks import all_ranks, group_size
 from autotp.runtime.training import same_on_every_rank
 from autotp.runtime.transports import shm
@@ -33,12 +33,14 @@ AGREE_S = 600.0  # how long a rank that finished parallelize waits for the other
 
 
 def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True,
-              reuse_blocks: bool = True) -> Plan:
+              reuse_blocks: bool = False) -> Plan:
     """Analyse ``model`` (no process group, no weights touched; meta models work) and return its Plan.
 
     ``reuse_blocks``: plan repeated blocks once (see ``autotp.planner.blocks``) and extend the plan to the
     rest; the extended plan is then proven on the whole model's graph (``check_plan``), and where the model
     treats a later block differently (a parent loop that does more for its last block) every block is planned.
+    Off by default: the proof needs the whole model's graph, and costs about as much as planning every block
+    (``bench/plan_scale.py``).
 
     >>> plan = make_plan(MyModel(cfg), 2, example_inputs=(torch.randint(0, 100, (2, 16)),))  # doctest: +SKIP
     >>> plan.save("my_model.tp2.plan")  # doctest: +SKIP
@@ -83,7 +85,7 @@ def _plan_cut(model: nn.Module, tp: int, cuts: list[blocks.Cut], *, example_inpu
                         sum(1 for e in entries if e.style == "vocab"),
                         sum(1 for e in entries if e.style == "colwise" and e.get("gather") == "1"),
                         sum(len(e.get("p").split(",")) for e in entries if e.style == "sum_grad"))
-    return replace(a.plan, entries=tuple(compress(entries)), summary=summary)
+    return replace(a.plan, entries=tuple(compress(entries, [n for n, _ in model.named_modules()])), summary=summary)
 
 
 def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Analysis:
@@ -92,8 +94,21 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
         raise ValueError(f"tp must be >= 1, got {tp}")
     example_inputs = default_inputs(model, example_inputs)
     c = capture(model, example_inputs)
-    a = plan_graph(c, tp, model=type(model).__name__, strict=strict)
-    return fix_sizes(model, a, c, example_inputs)
+    blocked: dict[str, str] = {}
+    while True:  # each round replicates the groups the translation check refused, with its reason
+        a = plan_graph(c, tp, model=type(model).__name__, strict=strict, blocked=blocked,
+                       modules=[n for n, _ in model.named_modules()])
+        try:
+            return fix_sizes(model, a, c, example_inputs)
+        except Unproven as e:
+            more = {k: v for k, v in unproven_layers(a, e.problems).items() if k not in blocked}
+            if not more:
+                raise RewriteError(f"the sharded {type(model).__name__} would compute other numbers, and no group "
+                                   f"is left to replicate: {str(e)[:400]}. Please report this with the model "
+                                   f"code.") from None
+            log.info("autotp: replicating %d layers the translation check refused: %s", len(more),
+                     next(iter(more.values())))
+            blocked.update(more)
 
 
 def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> Analysis:
@@ -108,12 +123,12 @@ def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> A
     resolved = resolve(model, plan)
     c = capture(model, example_inputs)
     a, problems = check_graph(c, plan, resolved, resolve_slices(model, plan))
-    if not problems and needs_shape_check(a, plan):
-        for owner, msg in verify(model, a, c, example_inputs):
-            what = f"module '{glob_of(owner)}': {msg}" if owner else f"the sharded model does not run: " \
-                f"{msg.split(' Fix:')[0].rstrip('.')}"
+    if not problems and needs_translation_check(plan):
+        for owner, msg, _ in verify(model, a, c, example_inputs):
+            what = f"module '{glob_of(owner) or '<root>'}': {msg}" if owner is not None else \
+                f"the sharded model does not run: {msg.split(' Fix:')[0].rstrip('.')}"
             problems.append(f"{what}. Its code uses global sizes along a sharded dim: the plan needs a 'patch' or "
-                        f"'localize' line for it (autotp.make_plan writes one)")
+                            f"'localize' line for it, or that group replicated (autotp.make_plan does either)")
     if problems:
         probs = list(dict.fromkeys(problems))
         more = f"\n  ... and {len(probs) - SHOWN} more" if len(probs) > SHOWN else ""

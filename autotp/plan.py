@@ -15,9 +15,10 @@ from autotp.errors import PlanFormatError, PlanMismatchError
 
 FORMAT = "autotp-plan 1"
 STYLES = {
-    "colwise": {"in", "out", "w", "seg", "rep", "gather"},  # output features sharded (seg: fused segments, each
-    # sharded; rep: fewer heads than ranks, each block of features held by rep ranks; gather=1: output all-gathered)
-    "rowwise": {"in", "out", "w"},  # input features sharded, one all-reduce after
+    "colwise": {"in", "out", "w", "seg", "rep", "gather", "group"},  # output features sharded (seg: fused segments,
+    # each sharded; rep: fewer heads than ranks, each block of features held by rep ranks; gather=1: output
+    # all-gathered; group: the column -> row group it opens, named by the module holding it)
+    "rowwise": {"in", "out", "w", "group"},  # input features sharded, one all-reduce after (group: the one it closes)
     "replicate": {"in", "out", "w", "rows", "dim"},  # every rank keeps the whole module
     "vocab": {"rows", "dim"},  # an embedding table sharded by rows: each rank looks up its ids, one all-reduce
     "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
@@ -166,29 +167,54 @@ def common_path(paths: list[str]) -> str:
     return ".".join(out)
 
 
-def compress(entries: list[Entry]) -> list[Entry]:
-    """Write repeated layers once, as a glob, when every instance has the same line."""
+def compress(entries: list[Entry], modules: Iterable[str] | None = None) -> list[Entry]:
+    """Write repeated layers once, as a glob, when every instance has the same line.
+
+    The glob stars only the path components that differ between the instances (``h.0.attn.to_out.0`` and
+    ``h.1.attn.to_out.0`` give ``h.*.attn.to_out.0``, never a glob that also names ``to_out.1``), and a glob is
+    written only if it names none of the other lines' modules, nor (given the model's ``modules``) a module
+    that has no such line (block 0's norm, where only blocks 1-3 sum a gradient).
+    """
+    names = list(modules) if modules is not None else []
     def key(e: Entry) -> tuple[str, str | None]:  # 'slice' lines may sit beside another line of the module
         return glob_of(e.path), e.get("arg") if e.style == "slice" else None
 
     buckets: dict[tuple[str, str | None], list[Entry]] = {}
     for e in entries:
         buckets.setdefault(key(e), []).append(e)
-    out, done = [], set()
+    globbed: dict[int, str] = {}  # id of an entry -> the glob its kind of line is written as
+    for b in buckets.values():
+        kinds: dict[tuple, list[Entry]] = {}
+        for x in b:
+            kinds.setdefault((x.style, x.params, x.reason), []).append(x)
+        for same in kinds.values():
+            paths = [x.path for x in same]
+            pattern = varying_glob(paths)
+            if len(same) < 2 or len(set(paths)) < len(paths) or pattern is None:
+                continue
+            rx = glob_regex(pattern)
+            if any(rx.fullmatch(x.path) for x in b if x not in same):
+                continue  # another line's module would be named too
+            if names and {m for m in names if rx.fullmatch(m)} != set(paths):
+                continue  # so would a module without this line
+            globbed.update({id(x): pattern for x in same})
+    out, written = [], set()
     for e in entries:
-        g = key(e)
-        if g in done:
-            continue
-        b = buckets[g]
-        if len(b) > 1 and len({(x.style, x.params, x.reason) for x in b}) == 1 and len({x.path for x in b}) == len(b):
-            out.append(Entry(g[0], e.style, e.params, e.reason))
-            done.add(g)
-        elif g[0] == e.path or len(b) == 1:
+        g = globbed.get(id(e))
+        if g is None:
             out.append(e)
-            done.add(g) if len(b) == 1 else None
-        else:
-            out.append(e)
+        elif (g, key(e)[1]) not in written:
+            written.add((g, key(e)[1]))
+            out.append(Entry(g, e.style, e.params, e.reason))
     return out
+
+
+def varying_glob(paths: list[str]) -> str | None:
+    """The glob of ``paths`` that stars exactly the components that differ (None: they differ in length)."""
+    parts = [p.split(".") for p in paths]
+    if len({len(x) for x in parts}) != 1:
+        return None
+    return ".".join(c[0] if len(set(c)) == 1 else "*" for c in zip(*parts))
 
 
 def summarize(groups: int, rows: int, vocab: int, gathers: int, partial: int) -> tuple[str, ...]:

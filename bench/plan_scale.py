@@ -3,9 +3,9 @@
     python bench/plan_scale.py [--layers 8 32 80] [--tp 8] [--no-every-block]
 
 Each depth and each way of planning runs in its own process (peak RSS is per process). Two ways:
-repeated blocks planned once (``make_plan``'s default, see ``autotp.blocks``) and every block
-captured and planned (``reuse_blocks=False``). Prints seconds, seconds per layer and peak RSS, and
-checks that both ways give the same plan.
+repeated blocks planned once and the plan proven on the whole model (``reuse_blocks=True``, see
+``autotp.planner.blocks``) and every block captured and planned (``make_plan``'s default). Prints seconds,
+seconds per layer and peak RSS, and checks that both ways give the same plan.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from models import (GPT, AlibiNet, EinsumNet, GateTrap, GPTConfig, HeadsLastAttention, LastBlockDiffers, MHAViT, MLPStack, NormTrap, ReduceTrap, ResidualTrap, TinyLlama,
+from models import (GPT, AlibiNet, EinsumNet, GateTrap, GPTConfig, HeadsLastAttention, LastBlockDiffers, MHAViT,
+                    MLPStack, Nested, NormTrap, ReduceTrap, ResidualTrap, RootHeads, ScaleFromSize, TinyLlama,
                     TorchEncoder, TwiceTrap)
 
 import autotp
@@ -36,6 +37,10 @@ def build(name: str):
         return MHAViT(), torch.randn(3, 6, 48)
     if name == "last_block_differs":  # the parent's loop reads the last block's up itself: that block replicated
         return LastBlockDiffers(), torch.randn(3, 5, 32)
+    if name == "root_heads":  # the root's own attribute in its reshape: kept whole (no patch of the root yet)
+        return RootHeads(), torch.randn(3, 5, 32)
+    if name == "scale_from_size":  # a Python scale from a sharded size: the translation check refuses it
+        return Nested(ScaleFromSize()), torch.randn(3, 5, 32)
     if name == "heads_last":  # heads laid out last: v alone could be sharded, but the probabilities need grads
         return HeadsLastAttention(), torch.randn(3, 5, 32)
     traps = {"trap_norm": NormTrap, "trap_residual": ResidualTrap, "trap_twice": TwiceTrap,
@@ -45,7 +50,7 @@ def build(name: str):
 
 CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_merged", "trap_norm", "trap_residual",
          "trap_twice", "trap_reduce", "torch_encoder", "mha_vit", "last_block_differs",
-         "heads_last", "trap_gate"]
+         "heads_last", "trap_gate", "root_heads", "scale_from_size"]
 
 
 def _held_fraction(e, leaf: str, tp: int) -> tuple[int, int]:
@@ -54,8 +59,9 @@ def _held_fraction(e, leaf: str, tp: int) -> tuple[int, int]:
     tp / rep blocks; everything else is held whole."""
     if e is None:
         return 1, 1
+    named = (e.get("col") or "").split(",") + (e.get("row") or "").split(",")
     sharded = (e.style == "colwise" and leaf in ("weight", "bias") or e.style in ("rowwise", "vocab") and leaf == "weight"
-               or e.style == "experts" and leaf in (e.get("col") or "").split(",") + (e.get("row") or "").split(","))
+               or e.style == "experts" and leaf in named)
     return (int(e.get("rep", "1")), tp) if sharded else (1, 1)
 
 

@@ -408,16 +408,20 @@ class LastBlockDiffers(nn.Module):
         return x
 
 
-class HeadsLastAttention(nn.Module):
-    """Heads laid out last (``view(B, T, -1, heads)``): column sharding splits each head's features, q.k^T then
-    contracts over the sharded dim, so q and k stay whole; the replicated attention probabilities meet the
-    sharded v, and in backward each rank would get only part of their gradient."""
+class _Attention(nn.Module):
+    """A pre-norm residual attention with separate q, k, v, o; subclasses write the forward in their style."""
 
     def __init__(self, dim: int = 32, heads: int = 4):
         super().__init__()
         self.heads = heads
         self.ln = nn.LayerNorm(dim)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+
+class HeadsLastAttention(_Attention):
+    """Heads laid out last (``view(B, T, -1, heads)``): column sharding splits each head's features, q.k^T then
+    contracts over the sharded dim, so q and k stay whole; the replicated attention probabilities meet the
+    sharded v, and in backward each rank would get only part of their gradient."""
 
     def forward(self, x):
         B, T, C = x.shape
@@ -438,3 +442,40 @@ class GateTrap(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)) * torch.sigmoid(self.gate(x)))
+
+
+class RootHeads(_Attention):
+    """Attention written in the root module's own forward, its head count an attribute of the root."""
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h = self.ln(x)
+        q, k, v = (f(h).reshape(B, T, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        return x + self.o(y)
+
+
+class ScaleFromSize(nn.Module):
+    """The attention scale computed in Python from a projection's size: ``1 / sqrt(q.size(-1) / heads)``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.n_heads = heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=-1)
+        scale = 1 / math.sqrt(q.size(-1) / self.n_heads)
+        q, k, v = (t.view(B, T, -1, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1) * scale).softmax(-1)
+        return x + self.o((att @ v).transpose(1, 2).reshape(B, T, C))
+
+
+class Nested(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)

@@ -80,7 +80,7 @@ CASES = {
 def test_reused_plan_equals_planning_every_block(name):
     build, x = CASES[name]
     model = build()
-    fast = autotp.make_plan(model, 2, example_inputs=x)
+    fast = autotp.make_plan(model, 2, example_inputs=x, reuse_blocks=True)
     full = analyse(model, 2, example_inputs=x).plan
     assert fast.to_text() == full.to_text()  # lines, order, reasons and the summary's counts
     assert len(dict(model.named_modules())) == len(dict(build().named_modules()))  # the cut was undone
@@ -115,7 +115,7 @@ def test_deep_meta_model_plans_from_a_prefix():
     """A 24-layer model on meta plans from 3 blocks; the plan covers all 24 and counts them."""
     with torch.device("meta"):
         m = llama(24)
-    plan = autotp.make_plan(m, 2)
+    plan = autotp.make_plan(m, 2, reuse_blocks=True)
     assert "48 groups; all-reduces per forward: 49 (1 for vocabulary lookups); all-gathers: 1" in plan.summary
     resolved = resolve(m, plan)
     assert sum(e.style == "rowwise" for e in resolved.values()) == 48
@@ -129,8 +129,8 @@ def test_a_parent_that_treats_a_later_block_differently_gets_every_block_planned
     from models import LastBlockDiffers
 
     model, x = LastBlockDiffers(), torch.randn(2, 3, 32)
-    plan = autotp.make_plan(model, 2, example_inputs=(x,))
-    assert plan.to_text() == autotp.make_plan(model, 2, example_inputs=(x,), reuse_blocks=False).to_text()
+    plan = autotp.make_plan(model, 2, example_inputs=(x,), reuse_blocks=True)
+    assert plan.to_text() == autotp.make_plan(model, 2, example_inputs=(x,)).to_text()
     lines = plan.resolve(dict(model.named_modules()).keys())
     assert [lines[f"blocks.{i}.up"].style for i in range(5)] == ["colwise"] * 4 + ["replicate"], plan.to_text()
     autotp.check_plan(model, plan, example_inputs=(x,))

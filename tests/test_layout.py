@@ -41,6 +41,14 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     return _imports_in(path.read_text(), me if path.name == "__init__.py" else me.rpartition(".")[0])
 
 
+def _source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` reads from (relative imports resolved against ``package``)."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports_in(source: str, package: str) -> list[tuple[int, str]]:
     tree = ast.parse(source)
     out = []
@@ -48,11 +56,7 @@ def _imports_in(source: str, package: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "autotp"]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _source(node, package)
             if mod.split(".")[0] != "autotp":
                 continue
             if mod == "autotp" or not node.module:  # from autotp import api / from . import layers
@@ -111,11 +115,7 @@ def _targets(mod: str, modules: dict[str, Path]) -> set[str]:
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                src = ".".join(base + ([node.module] if node.module else []))
-            else:
-                src = node.module or ""
+            src = _source(node, package)
             for a in node.names:
                 full = f"{src}.{a.name}"
                 out.add(full if full in modules else src)

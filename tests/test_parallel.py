@@ -12,7 +12,8 @@ from cases import CASES, parity  # noqa: E402
 # expected groups (= all-reduces per forward and per backward) per model at any tp that divides it
 EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2, "alibi": 2, "alibi_merged": 2,
             "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0, "torch_encoder": 2, "mha_vit": 2,
-            "last_block_differs": 4, "heads_last": 0, "trap_gate": 0}
+            "last_block_differs": 4, "heads_last": 0, "trap_gate": 0,
+            "root_heads": 0, "scale_from_size": 0}
 
 
 LM = {"nanogpt", "llama_gqa", "llama_kv2"}  # token embedding + LM head: vocabulary-sharded
@@ -66,3 +67,20 @@ def test_tp_must_equal_group_size():
     assert r1["one_rank"].startswith("PlanMismatchError"), r1["one_rank"]
     assert r0["one_rank"].startswith("RankError") and "parallelize failed on rank [1]" in r0["one_rank"], r0["one_rank"]
     assert r0["one_rank_s"] < 60, r0
+
+
+def dies_silently(rank: int, world: int) -> None:
+    import time
+
+    if rank == 1:
+        os._exit(3)  # no result, no traceback: a segfault or an OOM kill looks like this
+    time.sleep(120)
+
+
+def test_a_rank_that_dies_without_a_result_fails_the_run_at_once():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited \\(code 3\\) without a result"):
+        run_ranks(dies_silently, 2, timeout=300)
+    assert time.monotonic() - t0 < 60  # not the 300 s timeout

@@ -112,7 +112,8 @@ def consolidate(directory: str | Path, out_dir: str | Path, *, max_shard_bytes: 
     plan = saved_plan(d)
     files = _shard_files(d, plan.tp)
     held = [read_headers([f]) for f in files]
-    model = build_empty(d, lambda cfg: dtype_for(None, cfg, held[0]), {})  # on the meta device: the full shapes to check against
+    # on the meta device: the full shapes to check against
+    model = build_empty(d, lambda cfg: dtype_for(None, cfg, held[0]), {})
     splits = _full_shapes(plan, held, {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()})
     out.mkdir(parents=True, exist_ok=True)
     parts = _pack([(n, _nbytes(shape, held[0][n])) for n, (_, shape) in splits.items()], max_shard_bytes)

@@ -112,7 +112,7 @@ def _export_style(e: Entry, model: nn.Module | None, problems: list[str], whole:
     cannot reproduce is a problem when keeping the module whole would break it (sizes baked into its
     code), else it goes to ``whole`` (the same numbers, weights not sharded: e.g. MoE experts)."""
     head = f"line {e.line} " if e.line else ""
-    where = f"{head}('{e.path}' {e.style}{''.join(f' {k}={v}' for k, v in e.params if k not in ('in', 'out', 'w'))})"
+    where = f"{head}('{e.path}' {e.style}{''.join(f' {k}={v}' for k, v in e.params if k not in ('in', 'out', 'w', 'group'))})"
     why = None
     if e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
         why = ("its weight is stored [in, out] (GPT-2's Conv1D, x @ W): transformers' colwise/rowwise shard an "

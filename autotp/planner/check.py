@@ -35,11 +35,10 @@ def check_graph(c: Captured, plan: Plan, resolved: dict[str, Entry], slices: dic
     return a, checker.problems
 
 
-def needs_shape_check(a: Analysis, plan: Plan) -> bool:
-    """Sizes found baked into reshapes outside the swapped layers, or lines that change a module's forward."""
-    swapped = {s.module for s in a.sites.values()}
-    return any(Captured.owner(n) not in swapped for n, _, _, _ in a.shape_consts) or \
-        any(e.style in ("patch", "localize") for e in plan.entries)
+def needs_translation_check(plan: Plan) -> bool:
+    """Whether applying ``plan`` changes anything the rewritten meta copy must be compared for (every plan
+    that shards, slices, patches or localizes: sizes and plain numbers the code computes may change)."""
+    return any(e.style not in ("replicate",) for e in plan.entries)
 
 
 def _role(s: Site, e: Entry | None) -> str:

@@ -9,7 +9,7 @@ rule that says "no" demotes the group to replicate, with the reason recorded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch.fx as fx
 
@@ -31,23 +31,31 @@ class Analysis:
     sites: dict[fx.Node, Site]
     shape_consts: list[tuple[fx.Node, int, int, int]] = field(default_factory=list)  # node, dim, global, local
     groups: list[tuple[list[Site], list[Site]]] = field(default_factory=list)
+    group_nodes: list[set[fx.Node]] = field(default_factory=list)  # per group: the values it shards
+    modules: tuple[str, ...] = ()  # every module path of the model: globs in the plan name no others
     lookups: list[Lookup] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
 
 
-def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) -> Analysis:
+def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
+               blocked: dict[str, str] | None = None, modules: Sequence[str] | None = None) -> Analysis:
     """Decide column/row/replicate for every linear-like node of a captured graph.
 
     ``strict``: a group that fails only because tp does not divide a size raises ShardingError
     (listing the tp values that work) instead of silently replicating.
     """
     sites = find_sites(c)
+    for s in sites.values():  # layers whose groups the translation check refused: replicated with its reason
+        if s.module in (blocked or {}) and s.blocker is None:
+            s.blocker = blocked[s.module]
     lookups = find_lookups(c, sites)
     for lk in lookups:  # a tied head may shard its table only if every lookup of it can
         if lk.tied is not None and (lk.blocker or lk.rows % tp):
             lk.tied.blocker = lk.tied.blocker or f"its weight is the table of '{lk.module}', which stays replicated"
     roles: dict[fx.Node, str] = {}
     reasons: dict[fx.Node, str] = {}
+    group_of: dict[fx.Node, str] = {}  # a sharded layer -> its group's name (group= on its line)
+    taken: dict[str, int] = {}  # module holding groups -> how many so far
     committed: dict[fx.Node, Any] = {}
     analysis = Analysis(Plan(tp, ()), committed, sites, lookups=lookups)
     segments: dict[str, list[int]] = {}
@@ -120,12 +128,18 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         analysis.shape_consts += g.consts
         all_reps.update(reps)
         analysis.groups.append((cols, rows))
+        analysis.group_nodes.append({n for n, lay in g.tent.items() if lay is not None} | {x.node for x in cols})
         segments.update(g.segs)
-        gname = glob_of(common_path([x.module for x in cols + rows]))
+        holder = common_path([x.module for x in cols + rows])
+        gname = glob_of(holder)
+        taken[holder] = taken.get(holder, 0) + 1  # several groups in one module: numbered in graph order
+        gid = (gname or "<root>") + (f"#{taken[holder]}" if taken[holder] > 1 else "")
         for x in cols:
             roles[x.node], reasons[x.node] = "colwise", f"opens group {gname or '<root>'}"
+            group_of[x.node] = gid
         for x in rows:
             roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
+            group_of[x.node] = gid
     if strict and indivisible:
         raise indivisible_error(indivisible, tp)
     vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
@@ -153,6 +167,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
         if style == "colwise" and r > 1:
             params.append(("rep", str(r)))
             reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
+        if style in ("colwise", "rowwise") and s.node in group_of:
+            params.append(("group", group_of[s.node]))
         entries.append(Entry(s.module, style, tuple(params), reason))
     for lk in lookups:
         if lk.module not in seen and (lk.from_input or lk.tied):
@@ -170,7 +186,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True) ->
                         sum(1 for lk in lookups if vocab[lk.node] is None), n_gather,
                         sum(len(v) for v in partial.values()))
     analysis.entries = entries
-    analysis.plan = Plan(tp, tuple(compress(entries)), model, summary)
+    analysis.modules = tuple(modules or ())
+    analysis.plan = Plan(tp, tuple(compress(entries, modules)), model, summary)
     return analysis
 
 

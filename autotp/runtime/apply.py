@@ -167,6 +167,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
                 x.train(mode)
             try:
                 graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], tp)
+            except Exception as e:  # noqa: BLE001 - named by module, for the plan check to replicate its groups
+                err = e if isinstance(e, RewriteError) else RewriteError(
+                    f"module '{p}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                err.module = p
+                raise err from e
             finally:
                 for x in (mod, local, dense.get_submodule(p)):
                     x.train(was)

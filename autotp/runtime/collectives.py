@@ -126,7 +126,7 @@ def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
     return _sum(y, group)
 
 
-_SHM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its autotp.runtime.transports.shm.ShmSum, if it has one
+_SHM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its transports.shm.ShmSum, if it has one
 
 
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> buffers.Pool of its gloo gathers
@@ -181,7 +181,7 @@ def _sum(y: torch.Tensor, group) -> torch.Tensor:
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
     """Eager: into one preallocated output. On gloo, whose all-gather is slower than its all-reduce of
     the same bytes, each rank writes its slice into a zeroed full-width buffer and the ranks all-reduce
-    it (exact: every other term is zero). With a shared-memory group (``runtime.transports.shm``): copied side by side."""
+    it (exact: every other term is zero). With a shared-memory group (``transports.shm``): copied side by side."""
     if torch.compiler.is_compiling():
         return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]

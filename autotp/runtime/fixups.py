@@ -9,23 +9,37 @@ import torch
 import torch.nn as nn
 
 from autotp.capture.export import Captured
-from autotp.errors import RewriteError
-from autotp.plan import Entry, compress, glob_of
+from autotp.plan import Entry, compress, glob_of, varying_glob
 from autotp.planner.groups import Analysis
 from autotp.runtime.verify import verify
 
 
+class Unproven(Exception):
+    """The plan's rewrite computes other numbers than the model: ``problems`` are (module or None, what, node)."""
+
+    def __init__(self, problems: list[tuple[str | None, str, Any]]):
+        super().__init__("; ".join(m for _, m, _ in problems[:3]))
+        self.problems = problems
+
+
 def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> Analysis:
-    """Sizes baked into reshapes outside the swapped layers: find a ``patch`` of integer attributes that makes
-    every local shape agree, else ``localize`` the module; the result is verified again."""
-    swapped = {e.path for e in a.plan.entries if e.style in ("colwise", "rowwise")}
+    """Prove ``a``'s plan on a meta copy rewritten at local shapes (``verify``: same ops, the planned local shapes,
+    the same plain numbers). Sizes baked into reshapes outside the swapped layers get a ``patch`` of integer
+    attributes that makes every local shape agree, else a ``localize`` line; what still disagrees raises
+    ``Unproven``, for the caller to replicate those groups."""
+    if not a.groups:
+        return a
+    problems = verify(model, a, c, example_inputs)
+    if not problems:
+        return a
+    swapped = {s.module for cols, rows in a.groups for s in cols + rows}
     owners = []
     for n, _, _, _ in a.shape_consts:
         o = Captured.owner(n)
-        if o and glob_of(o) not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
+        if o and o not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
             owners.append(o)
-    if not owners or not verify(model, a, c, example_inputs):
-        return a
+    if not owners:
+        raise Unproven(problems)
     entries = list(a.entries)
     for pattern in dict.fromkeys(glob_of(o) for o in owners):
         mine = [o for o in owners if glob_of(o) == pattern]
@@ -36,13 +50,26 @@ def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -
         entries += [Entry(o, "localize", (), "sizes along sharded dims are baked into its reshapes; "
                           "its forward is rewritten to local sizes") for o in mine]
     a.entries = entries
-    a.plan = a.plan.with_entries(compress(entries))
+    a.plan = a.plan.with_entries(compress(entries, a.modules or None))
     again = verify(model, a, c, example_inputs)
     if again:
-        raise RewriteError("the sharded model does not agree with the plan after patching/localizing "
-                           f"{owners}: {[m for _, m in again[:3]]}. Please report this with the plan file.")
+        raise Unproven(again)
     return a
 
+
+def unproven_layers(a: Analysis, problems: list[tuple[str | None, str, Any]]) -> dict[str, str]:
+    """The layers of every group whose sharded values reach a module the check found computing other numbers
+    (all groups when the rewritten model did not run at all), each with the reason for its plan line."""
+    out: dict[str, str] = {}
+    for owner, msg, node in problems:
+        where = f"'{glob_of(owner) or '<root>'}'" if owner is not None else "the model"
+        said = msg.split(" Fix:")[0][:200].replace(f"'{owner}'", f"'{glob_of(owner)}'") if owner else msg[:200]
+        why = f"sharding it changes what {where} computes ({said})"
+        for (cols, rows), nodes in zip(a.groups, a.group_nodes):
+            if owner is None or (node in nodes if node is not None else any(Captured.owner(n) == owner for n in nodes)):
+                for s in cols + rows:
+                    out.setdefault(s.module, why)
+    return out
 
 
 def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any, entries: list[Entry],
@@ -73,13 +100,13 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
                 local[k] = got[0]
     cands = [k for k in local if local[k] != ints[k]]
     cands.sort(key=lambda k: (ints[k] not in lits, k.count("."), k))
-    path = pattern if len(owners) > 1 else owners[0]
+    path = (varying_glob(owners) or pattern) if len(owners) > 1 else owners[0]  # names no other module
 
     def problems(keys: list[str]) -> int:
         e = Entry(path, "patch", tuple((k, str(local[k])) for k in keys),
                   "sizes along sharded dims come from these attributes; set to local values")
-        a.plan = a.plan.with_entries(compress(entries + [e]))
-        return len([o for o, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
+        a.plan = a.plan.with_entries(compress(entries + [e], a.modules or None))
+        return len([o for o, _, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
 
     def entry(keys: list[str]) -> Entry:
         return Entry(path, "patch", tuple((k, str(local[k])) for k in keys),

@@ -80,11 +80,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *
         if plan.tp > 1 and dist.is_initialized():
             dist.all_reduce(total, op=dist.ReduceOp.MAX, group=group)
     else:
-        part = sum((g.detach().float().abs().pow(norm_type).sum() / rep for g, rep in sharded), torch.zeros((), device=device))
+        zero = torch.zeros((), device=device)
+        part = sum((g.detach().float().abs().pow(norm_type).sum() / rep for g, rep in sharded), zero)
         total = part.clone()
         if plan.tp > 1 and dist.is_initialized():
             dist.all_reduce(total, group=group)  # the sharded parameters' share of every rank
-        total = total + sum((g.detach().float().abs().pow(norm_type).sum() for g in whole), torch.zeros((), device=device))
+        total = total + sum((g.detach().float().abs().pow(norm_type).sum() for g in whole), zero)
         total = total.pow(1.0 / norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be "

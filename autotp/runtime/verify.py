@@ -14,12 +14,15 @@ from autotp.capture.export import Captured, capture, meta_copy
 from autotp.errors import CaptureError, RewriteError
 from autotp.plan import glob_regex
 from autotp.planner.groups import Analysis
+from autotp.planner.sites import op_name
 from autotp.runtime import collectives
 from autotp.runtime.apply import apply_plan
 
 
-def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list[tuple[str | None, str]]:
-    """Rewrite a meta copy at local shapes, capture it again and compare every shape with the plan."""
+def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list[tuple[str | None, str, Any]]:
+    """Rewrite a meta copy at local shapes, capture it again and compare it with ``c`` op by op: the same ops,
+    the planned local shapes, the same plain numbers. Returns the problems: (module, what, the node of ``c``
+    where it shows, or None)."""
     m = meta_copy(model)
     quiet = logging.getLogger("torch._subclasses.fake_tensor")  # a failing candidate logs a traceback there
     level, quiet.level = quiet.level, logging.CRITICAL
@@ -34,7 +37,7 @@ def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_in
         apply_plan(m, a.plan, rank=0, tp=a.plan.tp, group=collectives.NO_COMM, example_inputs=example_inputs)
         c2 = capture(m, example_inputs)
     except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
-        return [(None, str(e).splitlines()[0][:300])]
+        return [(getattr(e, "module", None), str(e).splitlines()[0][:300], None)]
     swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
     sliced = [glob_regex(e.path) for e in a.plan.entries if e.style == "slice"]
     return _compare(c, c2, a.layouts, swapped, a.plan.tp, sliced)
@@ -46,7 +49,7 @@ _MAYBE_NOOP = {torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, 
 
 
 def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int,
-             sliced: list | None = None) -> list[tuple[str, str]]:
+             sliced: list | None = None) -> list[tuple[str, str, Any]]:
     def seq(g: Captured) -> dict[str, list[fx.Node]]:
         out: dict[str, list[fx.Node]] = {}
         for n in g.graph.nodes:
@@ -61,7 +64,7 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
         other = s2.get(owner, [])
         pairs = _match(nodes, other, any(rx.fullmatch(owner) for rx in sliced or ()))
         if pairs is None:
-            problems.append((owner, f"module '{owner}' runs different ops after sharding"))
+            problems.append((owner, f"module '{owner}' runs different ops after sharding", None))
             continue
         for n, m in pairs:
             want = list(c.shape(n))
@@ -69,9 +72,55 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
             if lay is not None and not isinstance(lay, list):
                 want = lay.local(want, tp)
             if list(c2.shape(m)) != want:
-                problems.append((owner, f"{n.format_node()} in '{owner}': local shape {list(c2.shape(m))}, "
-                                        f"expected {want}"))
+                problems.append((owner, f"{op_name(n)} in '{owner or '<root>'}' (sizes {_sizes(n)}): local shape "
+                                        f"{list(c2.shape(m))}, expected {want}", n))
+                continue
+            changed = _scalar_change(n, m)
+            if changed:
+                problems.append((owner, f"{op_name(n)} in '{owner or '<root>'}' {changed} at local shapes: a Python "
+                                        f"number the code computes from a size along a sharded dim", n))
     return problems
+
+
+# ops whose integer arguments are sizes, offsets or counts: at local shapes they may change, and the shape
+# check above proves them; every other op's numbers (a scale, an exponent, an epsilon) must stay what they were
+_SIZED = {getattr(torch.ops.aten, name).default if "." not in name else
+          getattr(getattr(torch.ops.aten, name.split(".")[0]), name.split(".")[1])
+          for name in ("view", "reshape", "_unsafe_view", "expand", "split.Tensor", "split_with_sizes", "slice.Tensor",
+                       "narrow", "select.int", "unflatten.int", "chunk", "repeat", "new_zeros", "new_ones", "new_empty",
+                       "new_full", "full", "zeros", "ones", "empty.memory_format", "arange", "arange.start",
+                       "arange.start_step", "tensor_split.sections", "repeat_interleave.self_int", "as_strided",
+                       "unbind.int", "index_select", "_reshape_alias")
+          if hasattr(torch.ops.aten, name.split(".")[0])}
+
+
+def _sizes(n: fx.Node) -> list:
+    """The plain arguments of ``n`` (a reshape's sizes), for messages."""
+    return [a for a in n.args if not isinstance(a, fx.Node)]
+
+
+def _scalar_change(n: fx.Node, m: fx.Node) -> str | None:
+    """How the plain numbers among ``n``'s arguments changed in ``m`` (None: they did not)."""
+    sized = n.target in _SIZED
+
+    def walk(a: Any, b: Any) -> str | None:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            return None
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            if len(a) != len(b):
+                return None if sized else f"has {len(b)} arguments where it had {len(a)}"
+            return next((w for x, y in zip(a, b) if (w := walk(x, y))), None)
+        if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, float) or isinstance(b, float):
+            return None if a == b else f"multiplies by {b!r} where the unsharded model has {a!r}" if \
+                n.target in _SCALING else f"takes {b!r} where the unsharded model takes {a!r}"
+        if isinstance(a, int) and isinstance(b, int) and not sized and a != b:
+            return f"takes {b} where the unsharded model takes {a}"
+        return None
+
+    return walk(list(n.args) + sorted(n.kwargs.items()), list(m.args) + sorted(m.kwargs.items()))
+
+
+_SCALING = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar}
 
 
 # data-movement ops that local code may skip when they become identities (repeat_kv with one copy per rank)

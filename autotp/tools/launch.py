@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import time
 import traceback
 from typing import Any, Callable
 
@@ -45,13 +46,22 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> l
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(results) < world:
             try:
-                rank, status, value = q.get(timeout=timeout)
-            except Exception:  # noqa: BLE001 - queue.Empty
-                raise RuntimeError(f"ranks {sorted(set(range(world)) - set(results))} gave no result within "
-                                   f"{timeout:.0f} s") from None
+                rank, status, value = q.get(timeout=1.0)
+            except Exception:  # noqa: BLE001 - queue.Empty: is every rank still there?
+                gone = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if gone:
+                    time.sleep(0.5)  # a result it put just before exiting may still be in the pipe
+                    if q.empty():
+                        raise RuntimeError(f"rank {gone[0]} exited (code {procs[gone[0]].exitcode}) without a "
+                                           f"result") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks {sorted(set(range(world)) - set(results))} gave no result within "
+                                       f"{timeout:.0f} s") from None
+                continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results[rank] = value

@@ -5,7 +5,6 @@ parameter bytes come from its shapes; without it, only what the plan lines say o
 """
 from __future__ import annotations
 
-import re
 import shutil
 from collections import Counter
 
@@ -15,7 +14,6 @@ from autotp.plan import Entry, Plan, glob_regex
 
 # parameters a style keeps a 1/tp slice of (colwise with rep=N: N/tp); every other parameter is replicated
 SHARDED = {"colwise": {"weight", "bias"}, "rowwise": {"weight"}, "vocab": {"weight"}}
-_GROUP = re.compile(r"group ([^\s:;]+)")
 
 
 def communication(e: Entry) -> str:
@@ -53,21 +51,24 @@ def param_bytes(model: nn.Module, resolved: dict[str, Entry], tp: int) -> tuple[
 
 
 def group_of(e: Entry, path: str) -> str | None:
-    """The group instance a colwise/rowwise module belongs to, from the ``group G`` its reason names.
+    """The group instance a colwise/rowwise module belongs to, from its line's ``group=G``.
 
-    ``G`` is a glob of a module holding ``path``; the instance is ``path``'s prefix it matches. A
-    rowwise line whose reason names no group (written by hand) is a group of its own.
+    ``G`` is a glob of the module holding the group (``#k`` numbers several groups in one module); the
+    instance is ``path``'s prefix it matches. A rowwise line without ``group=`` (written by hand) is a group
+    of its own; a colwise one without it (a gathered head) belongs to none.
     """
     if e.style == "experts":
         return path
     if e.style not in ("colwise", "rowwise"):
         return None
-    m = _GROUP.search(e.reason)
-    if m is None:
+    g = e.get("group")
+    if g is None:
         return path if e.style == "rowwise" else None
-    g = m.group(1)
-    prefix = ".".join(path.split(".")[: len(g.split("."))])
-    return prefix if glob_regex(g).fullmatch(prefix) else g
+    glob, _, k = g.partition("#")
+    if glob == "<root>":
+        return g
+    prefix = ".".join(path.split(".")[: len(glob.split("."))])
+    return (prefix if glob_regex(glob).fullmatch(prefix) else glob) + (f"#{k}" if k else "")
 
 
 def table(plan: Plan, counts: list[int] | None = None, width: int | None = None) -> list[str]:
