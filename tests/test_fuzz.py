@@ -2,7 +2,7 @@
 input's gradient, every parameter's gradient slice) or refused with autotp's own error; never a wrong number,
 never an internal error. Hypothesis draws the choices; one process group runs every example.
 
-CI runs a bounded number (``AUTOTP_FUZZ`` examples per tp, 6 by default); run more by hand:
+CI runs a bounded number (``AUTOTP_FUZZ`` examples per tp, 4 by default); run more by hand:
 ``AUTOTP_FUZZ=200 python -m pytest tests/test_fuzz.py``.
 """
 import os
@@ -17,7 +17,7 @@ from autotp.tools.launch import run_ranks
 sys.path.insert(0, os.path.dirname(__file__))
 from fuzz_models import CHOICES  # noqa: E402
 
-N = int(os.environ.get("AUTOTP_FUZZ", "6"))
+N = int(os.environ.get("AUTOTP_FUZZ", "4"))
 choice = st.fixed_dictionaries({k: st.sampled_from(v) for k, v in CHOICES.items()})
 
 
