@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from autotp.tools.launch import run_ranks
@@ -75,7 +76,7 @@ def draw(n: int, seed: int | None = None) -> list[dict]:
             got.append(ch)
 
     if seed is not None:
-        collect = __import__("hypothesis").seed(seed)(collect)
+        collect = hypothesis_seed(seed)(collect)
     collect()
     return got
 

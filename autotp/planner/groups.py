@@ -84,8 +84,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
                                              sizes=() if small else (b.out_features,)))
                 rows = g.grow(cols)
             except Need as e:
-                more = [x for x in producers(c, sites, e.value) if x not in cols and x.node not in roles
-                        and x.blocker is None and committed.get(x.x) is None]
+                more = _pullable(c, sites, e.value, cols, roles, committed)
                 if more:
                     cols += more
                     continue
@@ -191,6 +190,13 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
     return analysis
 
 
+def _pullable(c: Captured, sites: dict, value: fx.Node, cols: list[Site], roles: dict, committed: dict) -> list[Site]:
+    """The column projections producing ``value`` that a group may still take in (free, not blocked, reading a
+    replicated input)."""
+    return [x for x in producers(c, sites, value) if x not in cols and x.node not in roles
+            and x.blocker is None and committed.get(x.x) is None]
+
+
 def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, entered: dict, cols: list[Site],
                         new: list) -> NoRule | None:
     """Why the group of ``cols`` cannot be sharded at any tp (grown at tp=1, where every size divides), or None
@@ -201,8 +207,7 @@ def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, 
         try:
             rows = Propagation(c, sites, committed, roles, 1, {}, entered, new).grow(cols)
         except Need as e:  # as the planner does: pull in the projections that produce the needed operand
-            more = [x for x in producers(c, sites, e.value) if x not in cols and x.node not in roles
-                    and x.blocker is None and committed.get(x.x) is None]
+            more = _pullable(c, sites, e.value, cols, roles, committed)
             if more:
                 cols += more
                 continue

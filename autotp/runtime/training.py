@@ -37,7 +37,6 @@ def same_on_every_rank(model: nn.Module, group: Any) -> None:
     both = torch.cat([fp, -fp]).to(device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     hi, lo = both[: fp.numel()].cpu(), -both[fp.numel():].cpu()
-    mine = fp
     tol = 1e-12 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
     differ = ((hi - lo) > tol).reshape(-1, 2).any(dim=1)
     if differ.any():
@@ -49,7 +48,7 @@ def same_on_every_rank(model: nn.Module, group: Any) -> None:
             f"{float(lo[2 * i]):.6g} on one rank, {float(hi[2 * i]):.6g} on another; {int(differ.sum())} of "
             f"{len(named)} parameters differ). Every rank must hold the same model before it is sharded: seed "
             f"identically before building it (torch.manual_seed(0) on every rank), or load the same weights "
-            f"(autotp.from_pretrained). This rank's sum: {float(mine[2 * i]):.6g}.")
+            f"(autotp.from_pretrained). This rank's sum: {float(fp[2 * i]):.6g}.")
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *, group: Any = None,

@@ -84,14 +84,16 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
 
 # ops whose integer arguments are sizes, offsets or counts: at local shapes they may change, and the shape
 # check above proves them; every other op's numbers (a scale, an exponent, an epsilon) must stay what they were
-_SIZED = {getattr(torch.ops.aten, name).default if "." not in name else
-          getattr(getattr(torch.ops.aten, name.split(".")[0]), name.split(".")[1])
-          for name in ("view", "reshape", "_unsafe_view", "expand", "split.Tensor", "split_with_sizes", "slice.Tensor",
-                       "narrow", "select.int", "unflatten.int", "chunk", "repeat", "new_zeros", "new_ones", "new_empty",
-                       "new_full", "full", "zeros", "ones", "empty.memory_format", "arange", "arange.start",
-                       "arange.start_step", "tensor_split.sections", "repeat_interleave.self_int", "as_strided",
-                       "unbind.int", "index_select", "_reshape_alias")
-          if hasattr(torch.ops.aten, name.split(".")[0])}
+aten = torch.ops.aten
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+          aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.narrow.default,
+          aten.select.int, aten.unflatten.int, aten.chunk.default, aten.repeat.default,
+          aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
+          aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,
+          aten.arange.default, aten.arange.start, aten.arange.start_step, aten.tensor_split.sections,
+          aten.repeat_interleave.self_int, aten.as_strided.default, aten.unbind.int,
+          aten.index_select.default, aten._reshape_alias.default}
+_SCALING = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 
 
 def _sizes(n: fx.Node) -> list:
@@ -120,7 +122,6 @@ def _scalar_change(n: fx.Node, m: fx.Node) -> str | None:
     return walk(list(n.args) + sorted(n.kwargs.items()), list(m.args) + sorted(m.kwargs.items()))
 
 
-_SCALING = {torch.ops.aten.mul.Tensor, torch.ops.aten.mul.Scalar, torch.ops.aten.div.Tensor, torch.ops.aten.div.Scalar}
 
 
 # data-movement ops that local code may skip when they become identities (repeat_kv with one copy per rank)
@@ -151,5 +152,3 @@ def _match(a: list[fx.Node], b: list[fx.Node], sliced: bool = False) -> list[tup
         else:
             return None
     return pairs
-
-
