@@ -20,8 +20,8 @@ from autotp.planner.resolve import resolve, resolve_slices
 from autotp.runtime import collectives
 from autotp.runtime.apply import apply_plan
 from autotp.runtime.fixups import Unproven, fix_sizes, unproven_layers
-from autotp.runtime.ranks import all_ranks, group_size
-from autotp.runtime.training import same_on_every_rank
+from autotp.runtime.ranks import all_ranks, check_tp, group_size
+from autotp.runtime.training import check_same, fingerprint, fingerprinted
 from autotp.runtime.transports import shm
 from autotp.runtime.verify import verify
 
@@ -157,6 +157,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
     >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
     >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
     """
+    check_tp(tp)
     if not dist.is_available() or not dist.is_initialized():
         if tp == 1 or (isinstance(plan, Plan) and plan.tp == 1):
             return model
@@ -164,27 +165,42 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
                          "'gloo' or 'nccl') first (torchrun sets the environment), or pass tp=1")
     group, tp = group_size(group, tp)
     rank = dist.get_rank(group)
-    if tp > 1:  # a collective every rank reaches, before anything can fail on one rank only
-        same_on_every_rank(model, group)
-    with all_ranks(group if tp > 1 else None, "parallelize", AGREE_S):  # an error on one rank stops every rank
-        example_inputs = default_inputs(model, example_inputs)
-        if isinstance(plan, (str, Path)):
-            plan = load_plan(plan)
-        given = plan is not None
-        if plan is None:
-            plan = make_plan(model, tp, example_inputs=example_inputs)  # proven on the whole model's graph
-        if plan.tp != tp:
-            raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
-                                    f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
-        if given and tp > 1:
-            _check_given(model, plan, example_inputs)
-        if tp > 1:
-            apply_plan(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+    agree = group if tp > 1 else None  # an error on one rank stops every rank, at the end of each step
+    named = fingerprinted(model) if tp > 1 else []
+    with all_ranks(agree, "parallelize (planning)", AGREE_S, width=2 * len(named)) as step:
+        step.share = fingerprint(named)  # compared before any weight is touched
+        plan, example_inputs = plan_for(model, tp, plan, example_inputs)
+    check_same(named, step.rows, rank)
+    with all_ranks(agree, "parallelize (sharding)", AGREE_S):
+        shard(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
     if tp > 1 and shm.wanted():
         collectives.use_shared_memory(group)
+    return model
+
+
+def plan_for(model: nn.Module, tp: int, plan: Plan | str | Path | None, example_inputs: Any) -> tuple[Plan, Any]:
+    """(the plan ``parallelize`` applies, the capture inputs): ``make_plan``'s, or the given one, checked. Local
+    to this rank: the callers agree (``runtime.ranks.all_ranks``) around it."""
+    example_inputs = default_inputs(model, example_inputs)
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    given = plan is not None
+    if plan is None:
+        plan = make_plan(model, tp, example_inputs=example_inputs)  # proven on the whole model's graph
+    if plan.tp != tp:
+        raise PlanMismatchError(f"the plan is for tp={plan.tp}, the group has {tp} ranks; "
+                                f"make a plan for tp={tp} with autotp.make_plan(model, {tp})")
+    if given and tp > 1:
+        _check_given(model, plan, example_inputs)
+    return plan, example_inputs
+
+
+def shard(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, example_inputs: Any) -> None:
+    """Swap ``model``'s layers by ``plan`` on this rank (local: the callers agree around it)."""
+    if tp > 1:
+        apply_plan(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
     model._autotp_plan = plan  # what autotp.save_sharded writes beside the local weights
     if rank == 0:
         n = sum(1 for e in plan.entries if e.style in ("colwise", "rowwise"))
         log.info("autotp: %s parallelized at tp=%d (%d plan lines shard modules; %s)", type(model).__name__, tp, n,
                  "; ".join(plan.summary))
-    return model

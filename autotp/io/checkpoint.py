@@ -27,6 +27,7 @@ from autotp.io.load import (
     Read,
     Stored,
     apply_plan,
+    connect,
     dtype_for,
     finish,
     match_keys,
@@ -98,6 +99,7 @@ def load_sharded(directory: str | Path, group: Any = None, *, timeout: float = T
                  for t, names in tensor_names(model) if names[0] in keys]
         read_all(model, reads, f"{d.name} rank {rank}", progress=rank == 0)
         finish(model, d)
+    connect(group, world)
     return model
 
 

@@ -20,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
-from autotp.api import parallelize
+from autotp.api import plan_for, shard
 from autotp.errors import CheckpointError, PlanMismatchError, RewriteError
 from autotp.io.hf_model import build_empty, transformers_module
 from autotp.plan import Entry, Plan, load_plan
-from autotp.runtime.ranks import all_ranks, ranks
+from autotp.runtime import collectives
+from autotp.runtime.ranks import all_ranks, check_tp, ranks
+from autotp.runtime.transports import shm
 from autotp.split import Split, split_of
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ def from_pretrained(path: str | Path, tp: int | None = None, *, group: Any = Non
         model, reads = _plan_reads(Path(path), tp, rank, group, dtype, plan, hf_kwargs)
         read_all(model, reads, f"{Path(path).name} tp={tp}", progress=rank == 0)
         finish(model, Path(path))
+    connect(group, tp)
     if rank == 0:
         log.info("autotp: %s loaded at tp=%d, %.0f MB read per rank in %.1f s", type(model).__name__, tp,
                  sum(r.nbytes for r in reads) / 2**20, time.perf_counter() - t0)
@@ -114,11 +118,20 @@ def _plan_reads(path: Path, tp: int, rank: int, group: Any, dtype: Any, plan: Pl
     return model, reads
 
 
+def connect(group: Any, tp: int) -> None:
+    """After the last agreement step: the group's sums through shared memory where its ranks share a host."""
+    if tp > 1 and shm.wanted():
+        collectives.use_shared_memory(group)
+
+
 def apply_plan(model: nn.Module, tp: int, group: Any, plan: Plan | str | Path | None) -> Plan:
-    """Parallelize the meta model by ``plan`` (a Plan, a plan file, or None: made by parallelize); the plan used."""
+    """Parallelize the meta model by ``plan`` (a Plan, a plan file, or None: made as parallelize makes it); the
+    plan used. Local to this rank: the caller's agreement step covers it (no agreement of its own inside)."""
+    check_tp(tp)
     if tp > 1:
-        parallelize(model, tp, plan=plan, group=group)
-        return model._autotp_plan
+        plan, inputs = plan_for(model, tp, plan, None)
+        shard(model, plan, rank=dist.get_rank(group), tp=tp, group=group, example_inputs=inputs)
+        return plan
     plan = load_plan(plan) if isinstance(plan, (str, Path)) else plan
     if plan is not None and plan.tp != 1:
         raise PlanMismatchError(f"the plan is for tp={plan.tp}, the model is loaded at tp=1; load it with "

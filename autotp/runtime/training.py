@@ -1,9 +1,9 @@
 """Training a parallelized model safely: every rank starts from the same model, and gradient clipping sees the
 whole gradient.
 
-``same_on_every_rank`` fingerprints each parameter before it is sharded and compares the fingerprints in one
-all-reduce: ranks that built the model with different seeds would otherwise each take their slice of another
-model. ``clip_grad_norm_`` is torch's, with the norm taken over the tensor-parallel group: each sharded
+``fingerprint`` sums each parameter before it is sharded and ``check_same`` compares the sums, which travel in
+``parallelize``'s one agreement all-reduce: ranks that built the model with different seeds would otherwise
+each take their slice of another model. ``clip_grad_norm_`` is torch's, with the norm taken over the tensor-parallel group: each sharded
 parameter's slices are counted once over the ranks (a block held by ``rep`` ranks once, not ``rep`` times),
 each replicated parameter once, so every rank clips by the same factor and replicated parameters stay equal.
 """
@@ -20,35 +20,42 @@ from autotp.errors import GroupError, RankError
 from autotp.split import split_of
 
 
-def same_on_every_rank(model: nn.Module, group: Any) -> None:
-    """Raise RankError (on every rank) naming the first parameter whose values differ between the ranks.
+def fingerprinted(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters ``fingerprint`` covers: all but those on the meta device (shard-on-load fills them later
+    from one checkpoint)."""
+    return [(n, p) for n, p in model.named_parameters() if p.device.type != "meta"]
 
-    One all-reduce of two float64 numbers per parameter (their sum and their sum of squares, with the
-    negated copies so that a MAX gives both the largest and the smallest); parameters on the meta device
-    (shard-on-load fills them later from one checkpoint) are skipped.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.device.type != "meta"]
+
+def fingerprint(named: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
+    """Two float64 numbers per parameter, its sum and its sum of squares: what ``parallelize`` shares in its
+    agreement step (before the model is sharded) for ``check_same``."""
+    if not named:
+        return torch.zeros(0, dtype=torch.float64)
+    with torch.no_grad():
+        return torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                            for _, p in named]).reshape(-1)
+
+
+def check_same(named: list[tuple[str, nn.Parameter]], rows: torch.Tensor, rank: int) -> None:
+    """Raise RankError (the same on every rank) naming the first parameter whose fingerprint (``rows[r]``: rank
+    ``r``'s) differs between the ranks: ranks that built the model with different seeds would otherwise each
+    take their slice of another model."""
     if not named:
         return
-    with torch.no_grad():
-        fp = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                          for _, p in named]).reshape(-1)
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    both = torch.cat([fp, -fp]).to(device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    hi, lo = both[: fp.numel()].cpu(), -both[fp.numel():].cpu()
-    tol = 1e-12 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)
-    differ = ((hi - lo) > tol).reshape(-1, 2).any(dim=1)
-    if differ.any():
-        i = int(differ.nonzero()[0])
-        name, p = named[i]
-        rank = dist.get_rank(group)
-        raise RankError(
-            f"rank {rank}: parameter '{name}' {list(p.shape)} differs between the ranks (its sum is "
-            f"{float(lo[2 * i]):.6g} on one rank, {float(hi[2 * i]):.6g} on another; {int(differ.sum())} of "
-            f"{len(named)} parameters differ). Every rank must hold the same model before it is sharded: seed "
-            f"identically before building it (torch.manual_seed(0) on every rank), or load the same weights "
-            f"(autotp.from_pretrained). This rank's sum: {float(fp[2 * i]):.6g}.")
+    fp = rows.reshape(rows.shape[0], -1, 2)
+    tol = 1e-12 * fp.abs().amax(dim=0).clamp_min(1.0)
+    differ = ((fp - fp[0]).abs() > tol).any(dim=2)  # (rank, parameter)
+    if not differ.any():
+        return
+    i = int(differ.any(dim=0).nonzero()[0])
+    name, p = named[i]
+    others = [r for r in range(fp.shape[0]) if differ[r, i]]
+    raise RankError(
+        f"rank {rank}: parameter '{name}' {list(p.shape)} differs between the ranks (its sum is {float(fp[0, i, 0]):.6g} "
+        f"on rank 0, {float(fp[others[0], i, 0]):.6g} on rank {others[0]}; ranks {others} differ from rank 0 in "
+        f"{int(differ.any(dim=0).sum())} of {len(named)} parameters). Every rank must hold the same model before it "
+        f"is sharded: seed identically before building it (torch.manual_seed(0) on every rank), or load the same "
+        f"weights (autotp.from_pretrained).")
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0, *, group: Any = None,

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from autotp.errors import RankError
+from autotp.runtime.ranks import group_timeout
 from autotp.runtime.transports import buffers
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,6 @@ def _usable() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
 
 
-def _group_timeout(group) -> float:
-    try:
-        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except Exception:  # an older torch or another backend: gloo's default
-        return 1800.0
-
-
 def _pid_namespace() -> str | None:
     try:
         return os.readlink("/proc/self/ns/pid")
@@ -113,7 +107,7 @@ class ShmSum:
         slot_bytes = slot_bytes if slot_bytes is not None else int(os.environ.get("AUTOTP_SHM_BYTES", SLOT_BYTES))
         group = group if group is not None else dist.group.WORLD
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.timeout = timeout if timeout is not None else _group_timeout(group)
+        self.timeout = timeout if timeout is not None else group_timeout(group)
         info: list = [None] * self.world
         dist.all_gather_object(info, (socket.gethostname(), os.getpid(), _pid_namespace(), _usable()), group=group)
         if len({host for host, *_ in info}) != 1:
