@@ -280,4 +280,16 @@ def load_plan(path: str | Path) -> Plan:
     p = Path(path)
     if not p.exists():
         raise PlanFormatError(f"plan file '{path}' does not exist")
-    return Plan.from_text(p.read_text(), source=str(path))
+    if p.is_dir():
+        inside = sorted(q.name for q in p.glob("*.plan"))[:3]
+        raise PlanFormatError(f"'{path}' is a directory, not a plan file"
+                              + (f" (it holds {inside})" if inside else "") + "; pass the file itself")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanFormatError(f"'{path}' is not a plan file: it is not text (byte {e.start} is {e.object[e.start]:#04x}, "
+                              f"not UTF-8); a plan is the text autotp.make_plan(...).save(file) or "
+                              f"'autotp plan MODEL --tp N -o FILE' writes") from None
+    except OSError as e:
+        raise PlanFormatError(f"plan file '{path}' cannot be read: {e.strerror}") from None
+    return Plan.from_text(text, source=str(path))

@@ -71,6 +71,10 @@ def test_show_plan_file_with_and_without_model(tmp_path, capsys):
     (["plan", "models:MLPStack", "--tp", "2"], ["without example inputs", "(model, example_inputs)"]),
     (["plan", "no_such_module:f", "--tp", "2"], ["cannot import module 'no_such_module'"]),
     (["show", __file__], ["not an autotp plan file"]),
+    (["check", "llama", "--tp", "2", "--plan", torch.__file__.replace("__init__.py", "lib/libc10.so")],
+     ["is not a plan file: it is not text", "not UTF-8"]),
+    (["check", "llama", "--tp", "2", "--plan", os.path.dirname(__file__)], ["is a directory, not a plan file"]),
+    (["plan", "llama", "--tp", "2", "-o", "/no/such/dir/x.plan"], ["/no/such/dir/x.plan", "No such file"]),
 ])
 def test_bad_arguments_exit_2_with_one_message(argv, words, capsys):
     code, _, err = run(capsys, *argv)

@@ -191,3 +191,13 @@ def test_hf_heads_not_divisible_lists_working_tp():
     msg = str(e.value)
     assert "tp=4" in msg and "self_attn.q_proj" in msg and "of size 6" in msg and "[1, 3]" in msg, msg
     assert "colwise" in autotp.make_plan(model, 3).to_text()  # tp=3 divides 6 heads and 3 KV heads
+
+
+def test_binary_file_or_directory_is_not_a_plan(tmp_path):
+    (tmp_path / "x.plan").write_bytes(bytes(range(256)))
+    with pytest.raises(autotp.PlanFormatError, match="is not a plan file: it is not text"):
+        autotp.load_plan(tmp_path / "x.plan")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.tp2.plan").write_text("autotp-plan 1\ntp 2\n")
+    with pytest.raises(autotp.PlanFormatError, match=r"is a directory, not a plan file \(it holds \['a.tp2.plan'\]\)"):
+        autotp.load_plan(tmp_path / "sub")

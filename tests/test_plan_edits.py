@@ -233,3 +233,34 @@ def test_cli_check_refuses_a_wrong_plan_before_spawning(llama, tmp_path, capsys)
     code = cli.main(["check", "llama", "--tp", "2", "--plan", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "'model.layers.*.mlp.down_proj' replicate" in err and "Traceback" not in err, err
+
+
+def test_tied_head_line_deleted_is_refused():
+    """A tied head without its line would compute with the table's vocabulary slice (logits vocab/tp wide)."""
+    from hf_zoo import config
+
+    cfg = config("llama")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = transformers.LlamaForCausalLM(cfg).eval()
+    text = autotp.make_plan(tied, 2).to_text()
+    check_plan(tied, Plan.from_text(text))  # the plan make_plan writes passes
+    msg = refusal(tied, edit(text, "lm_head", None))
+    for words in ("module 'lm_head' (no plan line) computes with", "tied to 'model.embed_tokens.weight'",
+                  "('model.embed_tokens' vocab) shards that tensor", "'colwise ... gather=1'"):
+        assert words in msg, msg
+
+
+@pytest.mark.parametrize("patch,words", [
+    ("__class__._version=7", ["has no integer attribute '__class__._version' of its own", "patchable: ["]),
+    ("layer_idx=0", ["has layer_idx=1", "only sets a size to this rank's part"]),  # shape-neutral: breaks the cache
+    ("config.num_attention_heads=3", ["has config.num_attention_heads=4", "which 3 is not"]),
+    ("config.hidden_size=64", ["has config.hidden_size=64", "which 64 is not"]),
+])
+def test_patch_sets_only_what_the_planner_could_have(llama, patch, words):
+    model, text = llama
+    with pytest.raises(autotp.PlanMismatchError) as e:
+        check_plan(model, Plan.from_text(text + f"model.layers.1.self_attn  patch {patch}\n", source="edited.plan"))
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert f"plan line {len(text.splitlines()) + 1} " in str(e.value)

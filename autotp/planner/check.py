@@ -23,6 +23,7 @@ from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.propagate import Propagation, producers
 from autotp.planner.sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
 from autotp.planner.slicing import inside
+from autotp.split import split_of
 
 
 def check_graph(c: Captured, plan: Plan, resolved: dict[str, Entry], slices: dict[str, Entry]) -> tuple[Analysis, list[str]]:
@@ -124,9 +125,31 @@ class _Checker:
                 self.g.tent[n] = self._rule(n)
         self._vocab_lines(by_lookup.values())
         self._segments()
+        self._tied()
         if not self.problems:  # a wrong group also makes gradients partial: report the cause only
             self._sum_grads()
         return Analysis(self.plan, self.g.tent, self.sites, self.g.consts, lookups=self.lookups)
+
+    def _tied(self) -> None:
+        """A parameter several modules hold (a tied head and table) is one tensor: the line that shards it shards
+        it for every module computing with it, so each of them must be planned to receive that slice."""
+        for ph in self.c.graph.find_nodes(op="placeholder"):
+            name = self.c.params.get(ph.name)
+            names = self.c.aliases.get(name, ()) if name else ()
+            splits = {n: split_of(self.entry(n.rpartition(".")[0]), n.rpartition(".")[2], self.plan.tp) for n in names}
+            by, split = next(((n, s) for n, s in splits.items() if s.dim is not None), (None, None))
+            if len(names) < 2 or by is None:
+                continue
+            for m in dict.fromkeys(Captured.owner(u) for u in ph.users):
+                mine = self.c.alias_in(name, m)
+                if splits.get(mine) != split:
+                    e = self.entry(m)
+                    self.add(f"module '{m or '<root>'}' ({'no plan line' if e is None else f'line {e.line}: {e.style}'}) "
+                             f"computes with "
+                             f"'{mine or name}', which is tied to '{by}': {_which(self.entry(by.rpartition('.')[0]), by)} "
+                             f"shards that tensor (dim {split.dim}) for every module holding it, so '{m or '<root>'}' "
+                             f"would see this rank's slice only. Fix: give it the matching line (a tied head: "
+                             f"'colwise ... gather=1', as autotp.make_plan writes), or replicate both")
 
     def _from(self, n: fx.Node) -> str:
         """The plan lines whose sharded outputs reach ``n`` (one mention per line, not per layer)."""

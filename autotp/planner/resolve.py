@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.nn as nn
 
 from autotp.capture.export import positional_names
@@ -27,7 +28,40 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
             _check_table(path, modules[path], e, plan.tp)
         if e.style == "experts":
             _check_experts(path, modules[path], e, plan.tp)
+        if e.style == "patch":
+            _check_patch(path, modules[path], e, plan.tp)
     return resolved
+
+
+def patchable(mod: nn.Module) -> dict[str, int]:
+    """The integer attributes a ``patch`` line may set, with their values: the module instance's own (not its
+    class's), and the public ones of plain objects it holds (``config.num_attention_heads``, a copy of which the
+    module then gets)."""
+    out = {}
+    for k, v in vars(mod).items():
+        if type(v) is int:
+            out[k] = v
+        elif not k.startswith("_") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type)):
+            out.update({f"{k}.{j}": w for j, w in vars(v).items() if type(w) is int and not j.startswith("_")})
+    return out
+
+
+def _check_patch(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
+    """A patch sets what the planner could have set: an attribute of ``patchable`` to a local size of its value
+    (a global size divided by tp, or by a divisor of tp where ranks share blocks), nothing else."""
+    ints = patchable(mod)
+    for k, v in e.params:
+        if k not in ints:
+            raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' "
+                                    f"({type(mod).__name__}) has no integer attribute '{k}' of its own or of an "
+                                    f"object it holds (patchable: {sorted(ints)[:8]}); a patch sets a size the "
+                                    f"module's code computes with, nothing else. Fix or drop the line")
+        old, new = ints[k], int(v)
+        if not (0 < new < old and old % new == 0 and tp % (old // new) == 0):
+            raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' has "
+                                    f"{k}={old}; a patch only sets a size to this rank's part of it ({old} divided "
+                                    f"by tp={tp} or a divisor of it), which {new} is not. Fix or drop the line "
+                                    f"(autotp.make_plan writes the patches a model needs)")
 
 
 def resolve_slices(model: nn.Module, plan: Plan) -> dict[str, Entry]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from autotp.capture.export import Captured
 from autotp.plan import Entry, compress, glob_of, varying_glob
 from autotp.planner.groups import Analysis
+from autotp.planner.resolve import patchable
 from autotp.runtime.verify import verify
 
 
@@ -87,7 +87,7 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
         if glob_of(Captured.owner(n)) == pattern:
             lits[g] = loc if lits.get(g, loc) == loc else -1
     mod = model.get_submodule(owners[0])
-    ints = _int_attrs(mod)
+    ints = patchable(mod)
     values = set(ints.values())
     local: dict[str, int] = {}
     for k, v in ints.items():
@@ -124,17 +124,6 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
         if problems(list(pair)) == 0:
             return entry(list(pair))
     return None
-
-
-def _int_attrs(mod: nn.Module) -> dict[str, int]:
-    """Integer attributes of a module and of plain objects it holds (e.g. ``config.num_attention_heads``)."""
-    out = {}
-    for k, v in vars(mod).items():
-        if type(v) is int:
-            out[k] = v
-        elif not k.startswith("_") and hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor, type)):
-            out.update({f"{k}.{j}": w for j, w in vars(v).items() if type(w) is int and not j.startswith("_")})
-    return out
 
 
 def _concrete(a: Analysis) -> set[str]:

@@ -123,7 +123,8 @@ class RowParallelLinear(_ParallelLinear):
 class VocabShard:
     """Shards an embedding module's table by rows, in place: the module keeps its class and forward.
 
-    Before the forward, ids outside this rank's rows ``[start, end)`` become row 0 of the local
+    Before the forward, ids outside the table raise IndexError as the dense lookup does (eager only: a
+    compiled forward skips the check), and ids outside this rank's rows ``[start, end)`` become row 0 of the local
     table; after it, their outputs are zeroed and the ranks' outputs all-reduced (one per forward;
     backward needs none: each rank's rows get exactly their tokens' gradient). The module's forward
     may scale the lookup (``embed_scale``): the planner checked it computes nothing else.
@@ -135,7 +136,7 @@ class VocabShard:
         if rows % tp:
             raise ValueError(f"{rows} rows are not divisible by tp={tp}")
         self.start, self.end = rank * rows // tp, (rank + 1) * rows // tp
-        self.group, self.tp = group, tp
+        self.rows, self.group, self.tp = rows, group, tp
         module.weight = weight if weight is not None else _param(shard_tensor(w.detach(), 0, rank, tp), w)
         pad = getattr(module, "padding_idx", None)
         if isinstance(pad, int):  # only the rank holding the padding row keeps it gradient-free
@@ -156,6 +157,11 @@ class VocabShard:
                 raise TypeError(f"{type(module).__name__}: a vocabulary-sharded lookup takes one tensor of ids, "
                                 f"got keyword tensors {keys}")
             ids, rest = kwargs[keys[0]], ("kw", keys[0])
+        if not torch.compiler.is_compiling() and ids.numel() and _outside(ids, self.rows):
+            bad = ids[(ids < 0) | (ids >= self.rows)]
+            raise IndexError(f"index out of range in self: {type(module).__name__} has {self.rows} rows (sharded over "
+                             f"{self.tp} ranks), but the ids include {bad[:4].tolist()}; the unsharded model raises "
+                             f"this IndexError too. Check the tokenizer and the model's vocabulary size")
         keep = (ids >= self.start) & (ids < self.end)
         self._mask.append(keep)
         local = torch.where(keep, ids - self.start, torch.zeros_like(ids))
@@ -167,6 +173,11 @@ class VocabShard:
         keep = self._mask.pop()
         out = out * keep.unsqueeze(-1).to(out.dtype)
         return reduce_from_tp(out, self.group, owned=True) if self.tp > 1 and self.group is not NO_COMM else out
+
+
+def _outside(ids: torch.Tensor, rows: int) -> bool:
+    lo, hi = torch.aminmax(ids)
+    return bool(lo < 0) or bool(hi >= rows)
 
 
 class _CopyManyToTP(torch.autograd.Function):

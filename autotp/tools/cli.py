@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutoTPError as e:
         print(f"autotp: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the command writes or reads: one line, not a traceback
+        print(f"autotp: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 def parser() -> argparse.ArgumentParser:
