@@ -17,7 +17,7 @@ from autotp.planner import blocks
 from autotp.planner.check import check_graph, needs_translation_check
 from autotp.planner.groups import Analysis, plan_graph
 from autotp.planner.resolve import resolve, resolve_slices
-from autotp.runtime import collectives
+from autotp.runtime import backstop, collectives
 from autotp.runtime.apply import apply_plan
 from autotp.runtime.fixups import Unproven, fix_sizes, unproven_layers
 from autotp.runtime.ranks import all_ranks, check_tp, group_size
@@ -88,13 +88,15 @@ def _plan_cut(model: nn.Module, tp: int, cuts: list[blocks.Cut], *, example_inpu
     return replace(a.plan, entries=tuple(compress(entries, [n for n, _ in model.named_modules()])), summary=summary)
 
 
-def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True) -> Analysis:
-    """make_plan, keeping the analysis (layouts per node) for checks and tests."""
+def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bool = True,
+            blocked: dict[str, str] | None = None) -> Analysis:
+    """make_plan, keeping the analysis (layouts per node) for checks and tests. ``blocked``: modules to keep
+    whole, with the reason the plan gives."""
     if tp < 1:
         raise ValueError(f"tp must be >= 1, got {tp}")
     example_inputs = default_inputs(model, example_inputs)
     c = capture(model, example_inputs)
-    blocked: dict[str, str] = {}
+    blocked = dict(blocked or {})
     while True:  # each round replicates the groups the translation check refused, with its reason
         a = plan_graph(c, tp, model=type(model).__name__, strict=strict, blocked=blocked,
                        modules=[n for n, _ in model.named_modules()])
@@ -147,12 +149,17 @@ def _check_given(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | Path | None = None,
-                example_inputs: Any = None, group: Any = None) -> nn.Module:
+                example_inputs: Any = None, group: Any = None, check: bool | None = None) -> nn.Module:
     """Shard ``model`` in place over ``group`` (default: the world) and return it.
 
     Every plan is proven on the whole model's graph before any weight is touched: ``make_plan``'s (which
     checks a plan extended from repeated blocks), and one passed in (``check_plan``): one that would change the
     model's numbers is refused with PlanMismatchError, naming each wrong line and the fix.
+
+    ``check``: also try the plan's numbers before sharding (``runtime.backstop``): one forward and backward of
+    the model and of a sharded copy on the capture inputs, outputs and every gradient compared. A group that
+    disagrees is replicated with the reason in the plan (a plan passed in is refused instead). Default (None):
+    on for models with real parameters of at most 512 MB; True/False force it.
 
     >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
     >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
@@ -169,13 +176,37 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
     named = fingerprinted(model) if tp > 1 else []
     with all_ranks(agree, "parallelize (planning)", AGREE_S, width=2 * len(named)) as step:
         step.share = fingerprint(named)  # compared before any weight is touched
+        given = plan is not None
         plan, example_inputs = plan_for(model, tp, plan, example_inputs)
     check_same(named, step.rows, rank)
+    if tp > 1 and backstop.wanted(model, check):
+        with all_ranks(agree, "parallelize (numerical check)", AGREE_S):
+            plan = _tried(model, plan, given=given, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
     with all_ranks(agree, "parallelize (sharding)", AGREE_S):
         shard(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
     if tp > 1 and shm.wanted():
         collectives.use_shared_memory(group)
     return model
+
+
+def _tried(model: nn.Module, plan: Plan, *, given: bool, rank: int, tp: int, group: Any, example_inputs: Any) -> Plan:
+    """``plan`` once the numerical check passes: groups it blames are replicated and the model planned again
+    (collective; every rank decides alike). A plan passed in that fails is refused."""
+    blocked: dict[str, str] = {}
+    while True:
+        try:
+            backstop.check(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
+            return plan
+        except backstop.Mismatch as e:
+            if given or not e.modules or all(m in blocked for m in e.modules):
+                fix = ("replicate that group (make its lines 'replicate'), or let autotp.make_plan choose" if given
+                       else "Please report this with the model code")
+                raise PlanMismatchError(f"the plan would not give the unsharded numbers on {type(model).__name__}: "
+                                        f"{e.why}. {fix}; parallelize(check=False) skips this check") from None
+            if rank == 0:
+                log.warning("autotp: replicating %d layers: %s", len(e.modules), e.why)
+            blocked.update(e.modules)
+            plan = analyse(model, tp, example_inputs=example_inputs, blocked=blocked).plan
 
 
 def plan_for(model: nn.Module, tp: int, plan: Plan | str | Path | None, example_inputs: Any) -> tuple[Plan, Any]:

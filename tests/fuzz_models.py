@@ -24,7 +24,21 @@ CHOICES = {
     "reuse": [False, True],            # the loop applies one block twice
     "last_differs": [False, True],     # the loop reads the last block's up projection itself
     "causal": [False, True],           # a mask made in forward
+    "custom_grad": [False, True],      # the MLP's hidden features pass a Function whose backward mixes them
 }
+
+
+class MixGrad(torch.autograd.Function):
+    """Identity forward; a hand-written backward that mixes the features (as a fused kernel's may). The captured
+    graph shows the forward only, so no rule sees the mixing: the numerical check must."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + g.mean(-1, keepdim=True)
 
 
 class RMS(nn.Module):
@@ -101,6 +115,8 @@ class FuzzBlock(nn.Module):
         u = u * F.silu(self.gate_proj(h)) if self.ch["gated_mlp"] else F.gelu(u)
         if self.ch["gate"]:
             u = u * torch.sigmoid(self.gate(h))
+        if self.ch.get("custom_grad"):
+            u = MixGrad.apply(u)
         return self.down(u)
 
     def forward(self, x):
