@@ -9,6 +9,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.nn as nn
 
+from autotp import pieces
 from autotp.capture.export import capture
 from autotp.capture.inputs import default_inputs
 from autotp.errors import CaptureError, GroupError, PlanMismatchError, RewriteError
@@ -59,7 +60,26 @@ def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: 
             log.warning("autotp: the plan of the repeated blocks is unchecked (the whole model cannot be "
                         "captured: %s)", str(e).splitlines()[0][:300])
             return plan
-    return analyse(model, tp, example_inputs=example_inputs, strict=strict).plan
+    return plan_all(model, tp, example_inputs=example_inputs, strict=strict)
+
+
+def plan_all(model: nn.Module, tp: int, *, example_inputs: Any, strict: bool = True,
+             blocked: dict[str, str] | None = None) -> Plan:
+    """``analyse``'s plan, or where the model cannot be captured whole, the plan put together from its
+    capturable modules (``autotp.pieces``); ``blocked``: modules to keep whole, with the reason."""
+    blocked = blocked or {}
+    try:
+        return analyse(model, tp, example_inputs=example_inputs, strict=strict, blocked=blocked).plan
+    except CaptureError as e:
+        if tp == 1 or not pieces.possible(model, e):
+            raise
+
+        def within(path: str) -> dict[str, str]:
+            return {k[len(path) + 1:]: v for k, v in blocked.items() if k.startswith(path + ".")}
+
+        return pieces.plan_by_pieces(model, tp, example_inputs, e, reuse=lambda path: tuple(sorted(within(path))),
+                                     plan_one=lambda m, inputs, path: analyse(m, tp, example_inputs=inputs,
+                                                                              strict=strict, blocked=within(path)).plan)
 
 
 def _plan_cut(model: nn.Module, tp: int, cuts: list[blocks.Cut], *, example_inputs: Any, strict: bool) -> Plan | None:
@@ -206,7 +226,7 @@ def _tried(model: nn.Module, plan: Plan, *, given: bool, rank: int, tp: int, gro
             if rank == 0:
                 log.warning("autotp: replicating %d layers: %s", len(e.modules), e.why)
             blocked.update(e.modules)
-            plan = analyse(model, tp, example_inputs=example_inputs, blocked=blocked).plan
+            plan = plan_all(model, tp, example_inputs=example_inputs, blocked=blocked)
 
 
 def plan_for(model: nn.Module, tp: int, plan: Plan | str | Path | None, example_inputs: Any) -> tuple[Plan, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "autotp"
-STAGES = {"errors": 0, "plan": 0, "split": 0, "capture": 1, "planner": 2, "runtime": 3, "api": 4, "io": 5, "__init__": 5,
+STAGES = {"errors": 0, "plan": 0, "split": 0, "capture": 1, "planner": 2, "runtime": 3, "api": 4, "pieces": 4, "io": 5, "__init__": 5,
           "tools": 6, "__main__": 6}
 MAX_LINES = 400
 

@@ -7,7 +7,12 @@ what runs afterwards; this graph is never executed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import io
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +44,18 @@ def to_meta(x: Any) -> Any:
     return tree_map_only(torch.Tensor, lambda t: torch.empty_like(t, device="meta"), x)
 
 
+@dataclass(frozen=True)
+class Call:
+    """Positional and keyword arguments together: the inputs of a module's call, as a parent passed them."""
+
+    args: tuple
+    kwargs: dict
+
+
 def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    """``example_inputs`` is a tuple of positional args, a dict of kwargs, or one tensor."""
+    """``example_inputs`` is a tuple of positional args, a dict of kwargs, one tensor, or a ``Call``."""
+    if isinstance(example_inputs, Call):
+        return tuple(example_inputs.args), dict(example_inputs.kwargs)
     if example_inputs is None:
         raise CaptureError("no example_inputs: pass example_inputs=(x,) (a tuple of positional args) "
                            "or a dict of keyword args, with the shapes the model is called with")
@@ -90,9 +105,9 @@ class Captured:
     @staticmethod
     def shape(node: Any) -> tuple[int, ...] | None:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
-        if isinstance(val, torch.Tensor):
-            return tuple(int(s) for s in val.shape)
-        return None
+        if isinstance(val, torch.Tensor) and all(type(s) is int for s in val.shape):
+            return tuple(val.shape)
+        return None  # not a tensor, or a size known only when it runs (data-dependent)
 
 
 class _ModuleTracker:
@@ -127,9 +142,13 @@ class _ModuleTracker:
 
 def _tensor_args(mod: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
     names = positional_names(mod)
-    out = [(names[i] if i < len(names) else str(i), tuple(int(s) for s in a.shape))
-           for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    return out + [(k, tuple(int(s) for s in v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    out = [(names[i] if i < len(names) else str(i), _sizes(a)) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    return out + [(k, _sizes(v)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+
+def _sizes(t: torch.Tensor) -> tuple[int, ...]:
+    """The sizes of ``t``, -1 for one known only when the model runs (data-dependent)."""
+    return tuple(s if type(s) is int else -1 for s in t.shape)
 
 
 def positional_names(mod: nn.Module) -> list[str]:
@@ -160,16 +179,18 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     args, kwargs = to_meta(args), to_meta(kwargs)
     tracker = _ModuleTracker(meta)
     try:
-        ep = torch.export.export(meta, args, kwargs, strict=False)
+        ep = _export(meta, args, kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         where = tracker.stack[-1] if tracker.stack else (tracker.deepest[-1] if tracker.deepest else "<root>")
         msg = str(e).strip().splitlines()
         head = msg[0] if msg else type(e).__name__
-        raise CaptureError(
+        err = CaptureError(
             f"cannot capture {type(model).__name__}: torch.export failed in module '{where}' "
             f"({type(e).__name__}: {head[:300]}). Fix: make that module traceable, pass example_inputs "
             f"that match its forward, or write a plan file (autotp.make_plan on a traceable copy, or by hand) "
-            f"and call parallelize(model, plan=...), which skips capture.") from e
+            f"and call parallelize(model, plan=...), which skips capture.")
+        err.module = None if where == "<root>" else where
+        raise err from e
     finally:
         tracker.remove()
     sig = ep.graph_signature
@@ -182,6 +203,54 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
     aliases.update({k: tuple(ns) for ns in names.values() for k in ns})
     return Captured(ep.graph, dict(sig.inputs_to_parameters), consts, aliases, set(sig.user_inputs),
                     module_args=tracker.args)
+
+
+def _export(meta: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``torch.export`` of the meta model, quietly: tensors the forward creates without a device land on meta too
+    (not on the CPU beside meta weights); outputs torch cannot flatten (a cache object returned even with
+    ``use_cache=False``) are left out, since only tensors matter to the plan; what export prints on a failure (a
+    graph dump) is dropped for the one-line CaptureError, and printed as usual on success."""
+    quiet = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level, printed = quiet.level, io.StringIO()
+    quiet.setLevel(logging.ERROR)
+    ok = False
+    try:
+        with torch.device("meta"), contextlib.redirect_stderr(printed), contextlib.redirect_stdout(printed):
+            try:
+                ep = torch.export.export(meta, args, kwargs, strict=False)
+            except RuntimeError as e:
+                if "in output, which is not a known type" not in str(e):
+                    raise
+                ep = torch.export.export(_TensorOutputs(meta), args, kwargs, strict=False)
+        ok = True
+        return ep
+    finally:
+        quiet.setLevel(level)
+        if ok and printed.getvalue():
+            sys.stderr.write(printed.getvalue())
+
+
+class _TensorOutputs(nn.Module):
+    """``model`` whose outputs keep only tensors (and containers of them): what a plan needs to see. Its
+    submodules keep their paths (``model``'s own are reached through ``__dict__``, not as a child)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._parameters, self._buffers, self._modules = model._parameters, model._buffers, model._modules
+        self.__dict__["inner"] = model
+        self.forward = functools.wraps(model.forward)(lambda *a, **k: _tensors(model.forward(*a, **k)))
+
+
+def _tensors(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        kept = {k: _tensors(v) for k, v in out.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(out, (tuple, list)):
+        kept = [_tensors(v) for v in out]
+        return tuple(v for v in kept if v is not None)
+    return None
 
 
 def _is_all_meta(model: nn.Module) -> bool:

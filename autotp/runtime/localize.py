@@ -27,9 +27,34 @@ _SPLITS = {"split", torch.split}
 _EXPANDS = {"expand"}
 
 
+_FACTORIES = ("ones", "zeros", "full", "empty", "arange", "rand", "randn", "eye", "tril_indices", "triu_indices")
+
+
 class _ChildrenAreLeaves(fx.Tracer):
+    """fx tracing with every child module a leaf, and tensors made in forward from traced sizes
+    (``torch.ones(T, T)``, ``torch.arange(T)``) recorded as calls instead of failing on the proxies."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+        def recorded(fn):
+            def call(*args, **kwargs):
+                leaves = [*args, *kwargs.values()] + [x for a in args if isinstance(a, (tuple, list)) for x in a]
+                if any(isinstance(x, fx.Proxy) for x in leaves):
+                    return self.create_proxy("call_function", fn, args, kwargs)
+                return fn(*args, **kwargs)
+            return call
+
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, recorded(fn))
+            return super().trace(root, concrete_args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
 
 
 def _kind(n: fx.Node) -> str | None:
@@ -92,7 +117,8 @@ def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args:
     """Trace ``module`` and rewrite its shape args; ``dense``/``local`` are meta copies to run on."""
     graph = _ChildrenAreLeaves().trace(module)
     glob = _Run(fx.GraphModule(dense, graph))
-    glob.run(*_flat_inputs(graph, args, kwargs))
+    with torch.device("meta"):  # tensors the forward makes join the meta copies they meet
+        glob.run(*_flat_inputs(graph, args, kwargs))
     edits = [0]
 
     def fix(n: fx.Node, run: _Run) -> None:
@@ -132,7 +158,8 @@ def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args:
             _set_sizes(n, sizes, packed)
             edits[0] += 1
 
-    _Run(fx.GraphModule(local, graph), fix).run(*_flat_inputs(graph, args, kwargs))
+    with torch.device("meta"):
+        _Run(fx.GraphModule(local, graph), fix).run(*_flat_inputs(graph, args, kwargs))
     graph.lint()
     return graph, edits[0]
 
