@@ -9,6 +9,7 @@ Then the sharded checkpoint round trip and bad inputs; a tp=4 group (KV heads he
 rank that exits in the middle of loading.
 """
 import copy
+import json
 import os
 import sys
 import time
@@ -266,7 +267,9 @@ def _round_trip(rank: int, world: int, root: str, path: str, plan: str) -> dict:
     sdir, cdir = os.path.join(root, "llama_tp2"), os.path.join(root, "llama_merged")
     autotp.save_sharded(model, sdir)
     again = autotp.load_sharded(sdir)
-    out = dict(files=sorted(os.listdir(sdir)), reload_diff=_state_diff(model, again))
+    save = json.loads(Path(sdir, "autotp-checkpoint.json").read_text())["save"]
+    out = dict(files=sorted(os.listdir(sdir)), save=save, save_files=sorted(os.listdir(os.path.join(sdir, save))),
+               reload_diff=_state_diff(model, again))
     with torch.no_grad():
         out["reload_out"] = (_out(again, IDS) - _out(model, IDS)).abs().max().item()
     if rank == 0:
@@ -350,8 +353,9 @@ def test_sharded_checkpoint_round_trip(main, root):
 
     for rank, res in enumerate(main):
         s = res["sharded"]
-        assert s["files"] == ["autotp.plan", "config.json", "generation_config.json", "rank00000-of-00002.safetensors",
-                              "rank00001-of-00002.safetensors"], s["files"]
+        assert s["files"] == sorted(["autotp-checkpoint.json", s["save"]]), s["files"]  # the manifest, one save
+        assert s["save_files"] == ["autotp.plan", "config.json", "generation_config.json",
+                                   "rank00000-of-00002.safetensors", "rank00001-of-00002.safetensors"], s["save_files"]
         assert s["reload_diff"] == [] and s["reload_out"] == 0.0, s
     m = main[0]["sharded"]
     assert m["merged_diff"] == [] and m["merged_out"] == 0.0, m

@@ -109,7 +109,7 @@ def _plan_reads(path: Path, tp: int, rank: int, group: Any, dtype: Any, plan: Pl
     for t, names in tensor_names(model):
         if names[0] not in keys:  # a buffer the checkpoint does not hold keeps its computed value
             continue
-        split = _agreed_split(names, lines, tp)
+        split = agreed_split(names, lines, tp)
         want = split.local_shape(dense[names[0]])
         if tuple(t.shape) != want:
             raise RewriteError(f"parameter '{names[0]}': the sharded model holds {list(t.shape)}, its plan line gives "
@@ -139,7 +139,7 @@ def apply_plan(model: nn.Module, tp: int, group: Any, plan: Plan | str | Path | 
     return plan or Plan(1, (), type(model).__name__)
 
 
-def _agreed_split(names: list[str], lines: dict[str, Entry], tp: int) -> Split:
+def agreed_split(names: list[str], lines: dict[str, Entry], tp: int) -> Split:
     """The split of a tensor held under several names (tied weights): every sharded holder must agree."""
     splits = {n: split_of(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], tp) for n in names}
     sharded = {s for s in splits.values() if s.dim is not None}
