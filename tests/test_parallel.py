@@ -65,7 +65,7 @@ def test_tp_must_equal_group_size():
         assert res["plan_tp"].startswith("PlanMismatchError") and "tp=4" in res["plan_tp"], res
     # an error on one rank only: that rank raises it, the other is told at once instead of waiting in a collective
     assert r1["one_rank"].startswith("PlanMismatchError"), r1["one_rank"]
-    assert r0["one_rank"].startswith("RankError") and "parallelize failed on rank [1]" in r0["one_rank"], r0["one_rank"]
+    assert r0["one_rank"].startswith("RankError") and "parallelize (planning) failed on rank [1]" in r0["one_rank"], r0["one_rank"]
     assert r0["one_rank_s"] < 60, r0
 
 

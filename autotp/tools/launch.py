@@ -27,6 +27,9 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, q: Any,
             dist.destroy_process_group()
 
 
+GRACE_S = 10.0  # after a rank exited without a result: how long the others may take to report their error
+
+
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """``fn(rank, world, *args)`` on ``world`` spawned ranks; returns each rank's result.
 
@@ -54,10 +57,15 @@ def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> l
             except Exception:  # noqa: BLE001 - queue.Empty: is every rank still there?
                 gone = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
                 if gone:
-                    time.sleep(0.5)  # a result it put just before exiting may still be in the pipe
-                    if q.empty():
-                        raise RuntimeError(f"rank {gone[0]} exited (code {procs[gone[0]].exitcode}) without a "
-                                           f"result") from None
+                    exited = f"rank {gone[0]} exited (code {procs[gone[0]].exitcode}) without a result"
+                    try:  # a result it put just before exiting, or another rank's error about it, is on its way
+                        rank, status, value = q.get(timeout=GRACE_S)
+                    except Exception:  # noqa: BLE001 - queue.Empty
+                        raise RuntimeError(exited) from None
+                    if status == "error":
+                        raise RuntimeError(f"rank {rank} failed ({exited}):\n{value}")
+                    results[rank] = value
+                    continue
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"ranks {sorted(set(range(world)) - set(results))} gave no result within "
                                        f"{timeout:.0f} s") from None
