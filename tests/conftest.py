@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 SLOW_MODULES = {"test_hf.py", "test_real_weights.py", "test_load.py", "test_checkpoint.py", "test_compile.py",
-                "test_examples.py", "test_fuzz.py", "test_backstop.py", "test_pieces.py"}
+                "test_examples.py", "test_fuzz.py", "test_backstop.py", "test_pieces.py",
+                "test_other_libraries.py"}
 SLOW_FIXTURES = {"ranks", "sweep", "main"}  # module-scoped fixtures that spawn a process group over a model zoo
 SLOW_TESTS = {"test_check_llama_tp2_spawned", "test_cli_profile", "test_opt_out_and_every_rank_falls_back_together",
               "test_parity_through_shared_memory", "test_tp_must_equal_group_size",

@@ -1,0 +1,93 @@
+"""Models from other libraries, built from configs (no hub), unmodified: diffusers' DiT and a PEFT-LoRA-wrapped
+Llama, exact at tp=2 (outputs and every gradient), the default numerical check included. One spawned group."""
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+from autotp.tools.launch import run_ranks
+
+sys.path.insert(0, os.path.dirname(__file__))
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        m = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+        return m.eval(), dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([1, 5]),
+                              class_labels=torch.tensor([1, 3]), return_dict=False)
+    import peft
+    import transformers
+    from hf_zoo import config
+
+    transformers.logging.set_verbosity_error()
+    base = transformers.LlamaForCausalLM(config("llama")).eval()
+    m = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                  lora_dropout=0.0))
+    for n, p in m.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero: give the adapters something to compute
+            torch.nn.init.normal_(p, std=0.02)
+    return m.eval(), dict(input_ids=torch.randint(0, 256, (2, 8)), use_cache=False)
+
+
+def others(rank: int, world: int) -> dict:
+    import autotp
+    from autotp.capture.inputs import call, main_tensor
+    from autotp.split import split_of
+
+    out = {}
+    for name in ("dit", "lora_llama"):
+        model, x = build(name)
+        dense = copy.deepcopy(model)
+        autotp.parallelize(model, world, example_inputs=x)
+
+        def first(o):
+            return o[0] if isinstance(o, tuple) else main_tensor(o)
+
+        y, y_ref = first(call(model, x)), first(call(dense, x))
+        g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        plan = model._autotp_plan
+        lines = plan.resolve(dict(dense.named_modules()).keys())
+        ref = dict(dense.named_parameters())
+        grad = max(float((p.grad - split_of(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
+                          .take(ref[n].grad, rank)).abs().max()) for n, p in model.named_parameters()
+                   if p.grad is not None)
+        scale = max(float(p.grad.abs().max()) for p in dense.parameters() if p.grad is not None)
+        out[name] = dict(out=float((y - y_ref).abs().max()), out_scale=float(y_ref.abs().max()), grad=grad / scale,
+                         trainable=[n for n, p in model.named_parameters() if p.requires_grad],
+                         trainable_dense=[n for n, p in dense.named_parameters() if p.requires_grad],
+                         plan=plan.to_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_ranks(others, 2, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["dit", "lora_llama"])
+def test_exact(results, name):
+    for r in results:
+        got = r[name]
+        assert got["out"] <= 1e-5 * max(1.0, got["out_scale"]) and got["grad"] <= 1e-6, got
+
+
+def test_what_is_sharded(results):
+    dit = results[0]["dit"]["plan"]
+    for p in ("attn1.to_q", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"):
+        assert any(f".{p} " in line and ("colwise" in line or "rowwise" in line) for line in dit.splitlines()), dit
+    lora = results[0]["lora_llama"]["plan"]
+    for p in ("q_proj.base_layer", "q_proj.lora_B.default", "o_proj", "down_proj.base_layer"):
+        assert any(f".{p} " in line and ("colwise" in line or "rowwise" in line) for line in lora.splitlines()), lora
+    # the adapters train and the base stays frozen, as peft set them
+    r = results[0]["lora_llama"]
+    assert r["trainable"] == r["trainable_dense"] and all("lora_" in n for n in r["trainable"]), r["trainable"]
