@@ -1,7 +1,8 @@
 """Models that ``torch.export`` cannot capture whole: planned module by module (``autotp.pieces``), exact at tp=2
 (outputs and every gradient), with what stays whole named in the plan. Models from other libraries (torch's own
 ``nn.Transformer``, transformers' JetMoE and GraniteMoe) and reference-style code of our own: a mask made in
-forward on the default device, a data-dependent branch in one module, a cache object in the outputs."""
+forward on the default device, minGPT's mask buffer sliced to the sequence, a data-dependent branch in one
+module, a cache object in the outputs."""
 import os
 import sys
 
@@ -62,8 +63,28 @@ class MaskInForward(nn.Module):
         return x + self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
 
 
+class MinGPTAttention(nn.Module):
+    """minGPT's classic attention: the causal mask a buffer sliced to the sequence, ``self.bias[:, :, :T, :T]``."""
+
+    def __init__(self, n_embd=32, n_head=4, block_size=16):
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / k.size(-1) ** 0.5)
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        return x + self.c_proj((att.softmax(-1) @ v).transpose(1, 2).contiguous().view(B, T, C))
+
+
 def build(name: str):
     torch.manual_seed(0)
+    if name == "mingpt_mask_buffer":
+        return nn.Sequential(MinGPTAttention(), MinGPTAttention()), (torch.randn(2, 6, 32),)
     if name == "nn.Transformer":
         m = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
                            batch_first=True, dropout=0.0).eval()
@@ -81,7 +102,7 @@ def build(name: str):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval(), None
 
 
-NAMES = ["nn.Transformer", "branchy", "mask_in_forward", "jetmoe", "granitemoe"]
+NAMES = ["nn.Transformer", "branchy", "mask_in_forward", "mingpt_mask_buffer", "jetmoe", "granitemoe"]
 
 
 def pieces(rank: int, world: int) -> dict:
@@ -138,6 +159,9 @@ def test_what_cannot_be_captured_is_named(results):
     assert "odd  " in plan and "its own code cannot be captured" in plan and "odd.fc" not in plan, plan
     for p in ("a.up  ", "b.up  "):
         assert any(line.startswith(p.split()[0]) and "colwise" in line for line in plan.splitlines()), plan
+    for name in ("mask_in_forward", "mingpt_mask_buffer"):  # their attention sharded, the forward localized
+        plan = results[0][name]["plan"]
+        assert "rowwise" in plan and "localize" in plan, plan
     plan = results[0]["nn.Transformer"]["plan"]
     assert "planned by pieces" in plan and "decoder.layers.0.linear1" in plan and "encoder.layers.*.linear1" in plan
 

@@ -32,7 +32,10 @@ _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "rand", "randn", "eye"
 
 class _ChildrenAreLeaves(fx.Tracer):
     """fx tracing with every child module a leaf, and tensors made in forward from traced sizes
-    (``torch.ones(T, T)``, ``torch.arange(T)``) recorded as calls instead of failing on the proxies."""
+    (``torch.ones(T, T)``, ``torch.arange(T)``) or buffers sliced by them recorded as calls instead of failing on
+    the proxies."""
+
+    proxy_buffer_attributes = True  # a buffer sliced by traced sizes (``self.bias[:, :, :T, :T]``) is a node too
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return True
