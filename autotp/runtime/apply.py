@@ -143,7 +143,8 @@ def sum_grads(model: nn.Module, resolved: dict[str, Entry], group: Any) -> None:
 
 
 def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, example_inputs: Any) -> nn.Module:
-    """Shard ``model`` in place with ``plan`` (already checked): swap layers, slice arguments, patch, localize."""
+    """Shard ``model`` in place with ``plan`` (already checked): swap layers, slice arguments, patch, localize, and
+    count its forwards on its group's ``collectives.Epoch``."""
     resolved = resolve(model, plan)
     local_paths = [p for p, e in resolved.items() if e.style == "localize"]
     inputs = {}
@@ -177,6 +178,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
                 for x in (mod, local, dense.get_submodule(p)):
                     x.train(was)
         install(mod, graphs)
+    if group is not collectives.NO_COMM:  # its root forwards numbered: how the transport tells ranks out of step
+        model.register_forward_pre_hook(collectives.epoch_of(group))
     return model
 
 

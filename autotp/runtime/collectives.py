@@ -14,7 +14,9 @@ Every collective goes through :func:`all_reduce`, :func:`all_gather_last` or :fu
 ``torch.compile``d code), so tests can assert exactly how much communication a forward/backward costs.
 A layer built with the group :data:`NO_COMM` communicates nothing (the plan's shape check on meta copies).
 Inside :func:`timed` (the profiler) each one is also timed and tallied under the label set by
-:func:`set_label`; outside it, a collective pays one flag check for this.
+:func:`set_label`; outside it, a collective pays one flag check for this. Each parallelized model's root
+forward counts itself on its group's :class:`Epoch`, which the shared-memory transport sends with every
+message, so that ranks out of step raise instead of mixing up their messages.
 """
 from __future__ import annotations
 
@@ -129,6 +131,37 @@ def _reduce(x: torch.Tensor, group, owned: bool) -> torch.Tensor:
 _SHM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its transports.shm.ShmSum, if it has one
 
 
+class Epoch:
+    """Where this rank is in the forwards of a group's parallelized models: ``forwards`` counts their root forwards
+    (``runtime.apply.apply_plan`` registers the group's Epoch as a forward pre-hook on each), ``calls`` the
+    collectives issued since the last one began (the shared-memory transport adds them). Collectives in backward,
+    in a ``generate()``'s forwards or in a submodule called directly are numbered the same way on every rank that
+    runs the same code, so the pair names a collective alike on ranks in step, and differently on a rank that
+    abandoned a forward (caught an exception) and went on to the next one. Compiled code counts nothing."""
+
+    __slots__ = ("forwards", "calls")
+
+    def __init__(self) -> None:
+        self.forwards = self.calls = 0
+
+    def __call__(self, module: Any, args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.forwards += 1
+            self.calls = 0
+
+
+_EPOCHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> its Epoch
+
+
+def epoch_of(group) -> Epoch:
+    """The process-wide :class:`Epoch` of ``group`` (None: the world), made on first use."""
+    key = group if group is not None else dist.group.WORLD
+    e = _EPOCHS.get(key)
+    if e is None:
+        e = _EPOCHS[key] = Epoch()
+    return e
+
+
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> buffers.Pool of its gloo gathers
 
 
@@ -155,7 +188,7 @@ def use_shared_memory(group) -> bool:
 
     group = group if group is not None else dist.group.WORLD
     if group not in _SHM:
-        s = setup(group)
+        s = setup(group, epoch_of(group))
         if s is None:
             return False
         _SHM[group] = s
