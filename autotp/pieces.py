@@ -7,7 +7,7 @@ arbitrary values, up to ``PIECES_BYTES``) to record every module's first call, a
 top-down: a module whose capture succeeds is planned as a whole (groups, proofs and the translation check
 inside it, its inputs and outputs replicated); one that fails runs unsharded (its line in the plan says why)
 and its children are planned. A single layer alone (no children) is not planned: with its input and output
-whole it has nothing to pair with, so it stays replicated. Modules of one class called with the same shapes
+whole it has nothing to pair with, so it stays replicated (its line says so). Modules of one class called with the same shapes
 are captured once. The code between the pieces runs unsharded on replicated values, so the whole is exact
 where each piece is.
 """
@@ -34,7 +34,7 @@ PIECES_BYTES = 1 << 30  # a meta model larger than this is not materialized to r
 def possible(model: nn.Module, error: CaptureError) -> bool:
     """Whether a model whose capture raised ``error`` can be planned by pieces: export failed inside it (not a
     missing input), and its modules' inputs can be recorded."""
-    if not hasattr(error, "module"):
+    if not hasattr(error, "where"):
         return False
     params = list(model.parameters())
     meta = any(p.device.type == "meta" for p in params)
@@ -52,9 +52,14 @@ def plan_by_pieces(model: nn.Module, tp: int, example_inputs: Any, error: Captur
     entries: list[Entry] = []
     opaque: list[str] = []
 
-    def visit(path: str, mod: nn.Module) -> None:
+    first = str(error).split(" Fix:")[0]
+
+    def visit(path: str, mod: nn.Module, parent_why: str) -> None:
         kids = [(f"{path}.{n}" if path else n, m) for n, m in mod.named_children()]
         if not kids:  # a module alone, its input and output whole, has nothing to pair its layer with
+            if any(True for _ in mod.parameters(recurse=False)):
+                entries.append(Entry(path, "replicate", (), f"kept whole: alone it has nothing to pair with, and "
+                                                            f"its parent cannot be captured ({parent_why[:160]})"))
             return
         if path and path in calls and any(True for _ in mod.parameters()):
             key = (_signature(mod, calls[path]), path if reuse is None else reuse(path))
@@ -70,10 +75,11 @@ def plan_by_pieces(model: nn.Module, tp: int, example_inputs: Any, error: Captur
             opaque.append(path)
             entries.append(Entry(path, "replicate", (), f"its own code cannot be captured ({why[:200]}): it runs "
                                                          f"unsharded, its submodules are planned on their own"))
+            parent_why = why
         for p, m in kids:
-            visit(p, m)
+            visit(p, m, parent_why)
 
-    visit("", model)
+    visit("", model, first)
     modules = [n for n, _ in model.named_modules()]
     merged = compress(entries, modules)
     if opaque:
@@ -83,8 +89,8 @@ def plan_by_pieces(model: nn.Module, tp: int, example_inputs: Any, error: Captur
                         sum(1 for e in merged if e.style == "vocab"),
                         sum(1 for e in merged if e.style == "colwise" and e.get("gather") == "1"),
                         sum(len(e.get("p").split(",")) for e in merged if e.style == "sum_grad"))
-    return Plan(tp, tuple(merged), type(model).__name__, summary + ("planned by pieces: the whole model cannot be "
-                                                                     "captured",))
+    return Plan(tp, tuple(merged), type(model).__name__,
+                summary + (f"planned by pieces: the whole model cannot be captured ({first[:200]})",))
 
 
 def _under(prefix: str, e: Entry) -> Entry:

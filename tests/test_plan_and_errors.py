@@ -95,11 +95,15 @@ class _DataDependent(nn.Module):
         return x
 
 
-def test_untraceable_model_names_module_and_plan_route():
-    with pytest.raises(autotp.CaptureError) as e:
-        autotp.make_plan(Untraceable(), 2, example_inputs=(torch.randn(2, 4),))
-    msg = str(e.value)
-    assert "'inner'" in msg and "plan=" in msg, msg
+def test_untraceable_model_is_planned_by_pieces_naming_the_module():
+    plan = autotp.make_plan(Untraceable(), 2, example_inputs=(torch.randn(2, 4),)).to_text()
+    assert "# planned by pieces: the whole model cannot be captured" in plan and "in module 'inner'" in plan, plan
+    assert "fc  replicate  # kept whole: alone it has nothing to pair with" in plan, plan
+
+
+def test_untraceable_without_example_inputs_names_the_fix():
+    with pytest.raises(autotp.CaptureError, match="no example_inputs: pass example_inputs="):
+        autotp.make_plan(Untraceable(), 2)
 
 
 def test_plan_for_another_model():

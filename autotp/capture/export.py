@@ -105,9 +105,12 @@ class Captured:
     @staticmethod
     def shape(node: Any) -> tuple[int, ...] | None:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
-        if isinstance(val, torch.Tensor) and all(type(s) is int for s in val.shape):
-            return tuple(val.shape)
-        return None  # not a tensor, or a size known only when it runs (data-dependent)
+        if not isinstance(val, torch.Tensor):
+            return None
+        try:
+            return tuple(int(s) for s in val.shape)
+        except Exception:  # noqa: BLE001 - a size known only when the model runs (data-dependent)
+            return None
 
 
 class _ModuleTracker:
@@ -148,7 +151,13 @@ def _tensor_args(mod: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, t
 
 def _sizes(t: torch.Tensor) -> tuple[int, ...]:
     """The sizes of ``t``, -1 for one known only when the model runs (data-dependent)."""
-    return tuple(s if type(s) is int else -1 for s in t.shape)
+    out = []
+    for s in t.shape:
+        try:
+            out.append(int(s))
+        except Exception:  # noqa: BLE001 - data-dependent
+            out.append(-1)
+    return tuple(out)
 
 
 def positional_names(mod: nn.Module) -> list[str]:
@@ -189,7 +198,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
             f"({type(e).__name__}: {head[:300]}). Fix: make that module traceable, pass example_inputs "
             f"that match its forward, or write a plan file (autotp.make_plan on a traceable copy, or by hand) "
             f"and call parallelize(model, plan=...), which skips capture.")
-        err.module = None if where == "<root>" else where
+        err.where = None if where == "<root>" else where  # the module export failed in
         raise err from e
     finally:
         tracker.remove()
