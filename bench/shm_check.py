@@ -3,7 +3,7 @@
     python bench/shm_check.py [--kb 16] [--blocks 201] [--calls 200]
 
 Two spawned gloo ranks on this host time ``ShmSum.__call__`` (each rank's words written beside its flag and
-compared with every rank's after the first wait, ``autotp/runtime/transports/shm.py``) against the same
+compared with every rank's after the second wait, ``autotp/runtime/transports/shm.py``) against the same
 protocol without them (copy into the slot, wait, add, wait: the sum as it was before the check), side by
 side in one run: blocks of ``--calls`` sums, the two ways alternating block by block, the ranks released
 together by a barrier before each block. Prints each way's median microseconds per sum over the blocks, their

@@ -59,7 +59,7 @@ def _one(rank: int, world: int, name: str) -> dict:
         if rank == 0 and regen:
             fresh.save(path)
     plan = autotp.load_plan(path) if stored else fresh
-    model = autotp.parallelize(model, world, plan=plan)
+    model = autotp.parallelize(model, world, plan=plan, check=False)  # measured against the dense model below
     kw = _inputs(model, batch=3, seq=11, seed=1)  # other shapes than the capture's (2 x 8)
     r = measure(rank, world, model, dense, plan, lambda m: main_tensor(m(**kw, use_cache=False)))
     if rank == 0:  # a missing plan file fails the test: write it with AUTOTP_REGEN=1

@@ -27,7 +27,7 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, q: Any,
             dist.destroy_process_group()
 
 
-GRACE_S = 10.0  # after a rank exited without a result: how long the others may take to report their error
+GRACE_S = 3.0  # after a rank exited without a result: how long the others may take to report their error
 
 
 def run_ranks(fn: Callable, world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
