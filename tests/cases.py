@@ -149,6 +149,15 @@ def parity(rank: int, world: int, names=CASES) -> dict:
     return out
 
 
+def error_of(fn) -> str:
+    """``TypeName: message`` of what ``fn()`` raised, or ``no error``."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test compares the type and message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def measure(rank: int, world: int, model, dense, plan, run) -> dict:
     """Run ``run(dense)`` and ``run(model)`` forward and backward; compare outputs, grads, params, counts."""
     lines = plan.resolve(dict(dense.named_modules()).keys())  # module path -> its plan line

@@ -24,6 +24,7 @@ import torch
 from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cases import error_of  # noqa: E402
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 64, 12], [9, 8, 200, 31, 77, 2, 150, 4]])
 SMALL = 20_000  # consolidate's max_shard_bytes for several files and an index
@@ -78,15 +79,6 @@ def listing(d) -> list[str]:
 def names(d) -> list[str]:
     d = Path(d)
     return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
-
-
-def error_of(fn) -> str:
-    """``TypeName: message`` of what ``fn()`` raised, or ``no error``."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test compares the type and message
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import torch
 from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
+from cases import error_of  # noqa: E402
 
 # name -> (hf_zoo config, config changes, transformers Auto class, how it is saved)
 CASES = {
@@ -159,15 +160,6 @@ def compare(path: str, auto: str, world: int, dtype=None, plan=None) -> dict:
                 whole=rec.whole, sliced=rec.sliced, stored=stored, plan=mine._autotp_plan.to_text(),
                 local_params=sum(p.numel() for p in mine.parameters()),
                 dense_params=sum(p.numel() for p in ref.parameters()), dtype=str(next(mine.parameters()).dtype))
-
-
-def error_of(fn) -> str:
-    """``TypeName: message`` of what ``fn()`` raised, or ``no error``."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test compares the type and message
-        return f"{type(e).__name__}: {e}"
-    return "no error"
 
 
 def main_cases(rank: int, world: int, root: str) -> dict:

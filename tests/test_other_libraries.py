@@ -38,9 +38,10 @@ def build(name: str):
 
 
 def others(rank: int, world: int) -> dict:
+    from cases import measure
+
     import autotp
     from autotp.capture.inputs import call, main_tensor
-    from autotp.split import split_of
 
     out = {}
     for name in ("dit", "lora_llama"):
@@ -51,18 +52,9 @@ def others(rank: int, world: int) -> dict:
         def first(o):
             return o[0] if isinstance(o, tuple) else main_tensor(o)
 
-        y, y_ref = first(call(model, x)), first(call(dense, x))
-        g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
-        (y * g).sum().backward()
-        (y_ref * g).sum().backward()
         plan = model._autotp_plan
-        lines = plan.resolve(dict(dense.named_modules()).keys())
-        ref = dict(dense.named_parameters())
-        grad = max(float((p.grad - split_of(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
-                          .take(ref[n].grad, rank)).abs().max()) for n, p in model.named_parameters()
-                   if p.grad is not None)
-        scale = max(float(p.grad.abs().max()) for p in dense.parameters() if p.grad is not None)
-        out[name] = dict(out=float((y - y_ref).abs().max()), out_scale=float(y_ref.abs().max()), grad=grad / scale,
+        r = measure(rank, world, model, dense, plan, lambda m: first(call(m, x)))
+        out[name] = dict(out=r["out_diff"], out_scale=r["out_scale"], grad=r["grad_diff"] / r["grad_scale"],
                          trainable=[n for n, p in model.named_parameters() if p.requires_grad],
                          trainable_dense=[n for n, p in dense.named_parameters() if p.requires_grad],
                          plan=plan.to_text())

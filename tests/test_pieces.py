@@ -108,9 +108,10 @@ NAMES = ["nn.Transformer", "branchy", "mask_in_forward", "mingpt_mask_buffer", "
 def pieces(rank: int, world: int) -> dict:
     import copy
 
+    from cases import measure
+
     import autotp
     from autotp.capture.inputs import call, default_inputs, main_tensor
-    from autotp.split import split_of
 
     out = {}
     for name in NAMES:
@@ -122,18 +123,9 @@ def pieces(rank: int, world: int) -> dict:
             out[name] = dict(error=f"{type(e).__name__}: {e}")
             continue
         x = default_inputs(dense, x)
-        y, y_ref = main_tensor(call(model, x)), main_tensor(call(dense, x))
-        g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
-        (y * g).sum().backward()
-        (y_ref * g).sum().backward()
         plan = model._autotp_plan
-        lines = plan.resolve(dict(dense.named_modules()).keys())
-        ref = dict(dense.named_parameters())
-        grad = max(float((p.grad - split_of(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
-                          .take(ref[n].grad, rank)).abs().max()) for n, p in model.named_parameters()
-                   if p.grad is not None)
-        gscale = max(float(p.grad.abs().max()) for p in dense.parameters() if p.grad is not None)
-        out[name] = dict(out=float((y - y_ref).abs().max()), scale=float(y_ref.abs().max()), grad=grad / gscale,
+        r = measure(rank, world, model, dense, plan, lambda m: main_tensor(call(m, x)))
+        out[name] = dict(out=r["out_diff"], scale=r["out_scale"], grad=r["grad_diff"] / r["grad_scale"],
                          sharded=sum(e.style in ("colwise", "rowwise", "vocab", "experts") for e in plan.entries),
                          plan=plan.to_text())
     return out

@@ -11,47 +11,39 @@ sys.path.insert(0, os.path.dirname(__file__))
 transformers = pytest.importorskip("transformers")
 
 
-def _error(fn) -> str:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - the test reads the type and message
-        return f"{type(e).__name__}: {e}"
-    return "no error"
-
-
 def faults(rank: int, world: int, hf_dir: str) -> dict:
     import datetime
     import time
 
     import torch
     import torch.distributed as dist
-    from cases import build
+    from cases import build, error_of
 
     import autotp
     from autotp.runtime.ranks import all_ranks
 
     out = {}
     model, _ = build("nanogpt")
-    out["tp_str"] = _error(lambda: autotp.parallelize(model, tp="2"))
-    out["tp_zero"] = _error(lambda: autotp.parallelize(model, tp=0))
+    out["tp_str"] = error_of(lambda: autotp.parallelize(model, tp="2"))
+    out["tp_zero"] = error_of(lambda: autotp.parallelize(model, tp=0))
     only0 = dist.new_group([0])  # every rank creates it; rank 1 is not in it
-    out["outside"] = _error(lambda: autotp.parallelize(model, group=only0)) if rank == 1 else ""
+    out["outside"] = error_of(lambda: autotp.parallelize(model, group=only0)) if rank == 1 else ""
 
     # ids outside the vocabulary: IndexError on every rank, as the dense model raises; the next call works
     dense, ids = build("nanogpt")
-    out["dense_oob"] = _error(lambda: dense(torch.full((1, 4), 96)))
+    out["dense_oob"] = error_of(lambda: dense(torch.full((1, 4), 96)))
     model, _ = build("nanogpt")
     autotp.parallelize(model, tp=world, example_inputs=(ids,))
-    out["oob"] = _error(lambda: model(torch.tensor([[1, 2, 96, 3]])))
-    out["negative"] = _error(lambda: model(torch.tensor([[1, -1]])))
+    out["oob"] = error_of(lambda: model(torch.tensor([[1, 2, 96, 3]])))
+    out["negative"] = error_of(lambda: model(torch.tensor([[1, -1]])))
     with torch.no_grad():
         out["after_oob"] = float((model(ids) - dense(ids)).abs().max())
 
     # one rank fails early in from_pretrained: both raise, naming the rank; the next valid call works on both
     bad = hf_dir if rank == 0 else hf_dir + "-missing"
-    out["load_one_bad"] = _error(lambda: autotp.from_pretrained(bad, tp=world))
-    out["load_again"] = _error(lambda: autotp.from_pretrained(hf_dir, tp=world))
-    out["plan_one_bad"] = _error(lambda: autotp.parallelize(build("nanogpt")[0], tp=world, example_inputs=(ids,),
+    out["load_one_bad"] = error_of(lambda: autotp.from_pretrained(bad, tp=world))
+    out["load_again"] = error_of(lambda: autotp.from_pretrained(hf_dir, tp=world))
+    out["plan_one_bad"] = error_of(lambda: autotp.parallelize(build("nanogpt")[0], tp=world, example_inputs=(ids,),
                                                             plan=None if rank == 0 else "/nonexistent.plan"))
     m2, _ = build("nanogpt")
     autotp.parallelize(m2, tp=world, example_inputs=(ids,))
@@ -66,7 +58,7 @@ def faults(rank: int, world: int, hf_dir: str) -> dict:
         with all_ranks(short, "a test step", 600.0):
             if rank == 1:
                 time.sleep(3.5)
-    out["late"] = _error(late)
+    out["late"] = error_of(late)
     out["late_s"] = time.monotonic() - t0
     return out
 
