@@ -7,9 +7,9 @@ arbitrary values, up to ``PIECES_BYTES``) to record every module's first call, a
 top-down: a module whose capture succeeds is planned as a whole (groups, proofs and the translation check
 inside it, its inputs and outputs replicated); one that fails runs unsharded (its line in the plan says why)
 and its children are planned. A single layer alone (no children) is not planned: with its input and output
-whole it has nothing to pair with, so it stays replicated (its line says so). Modules of one class called with the same shapes
-are captured once. The code between the pieces runs unsharded on replicated values, so the whole is exact
-where each piece is.
+whole it has nothing to pair with, so it stays replicated (its line says so). Modules of one class, plain
+attributes and shapes are captured once. The code between the pieces runs unsharded on replicated values, so
+the whole is exact where each piece is.
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map_only
 
-from autotp.capture.export import Call, meta_copy, to_meta
-from autotp.capture.inputs import call
+from autotp.capture.export import Call, meta_copy, split_inputs, to_meta
 from autotp.errors import CaptureError
 from autotp.plan import Entry, Plan, compress, summarize
 
@@ -131,14 +130,20 @@ def _record(model: nn.Module, example_inputs: Any) -> dict[str, Call]:
     inputs = tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta"
                            else t, example_inputs)
     calls: dict[str, Call] = {}
-    hooks = [m.register_forward_pre_hook((lambda n: lambda _m, a, k: calls.setdefault(
-        n, Call(to_meta(a), to_meta(k))) and None)(n), with_kwargs=True) for n, m in runner.named_modules()]
+
+    def first_call(name: str):
+        def hook(_m, args, kwargs):
+            if name not in calls:  # later calls are not converted: only the first is kept
+                calls[name] = Call(to_meta(args), to_meta(kwargs))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(first_call(n), with_kwargs=True) for n, m in runner.named_modules()]
     modes = {m: m.training for m in runner.modules()}
+    args, kwargs = split_inputs(inputs)
     try:
         runner.eval()
         with torch.no_grad():
-            call(runner, tuple(inputs) if isinstance(inputs, list) else inputs if isinstance(
-                inputs, (tuple, dict)) else (inputs,))
+            runner(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the model cannot even run eagerly
         raise CaptureError(f"cannot plan {type(model).__name__}: it cannot be captured whole, and running it "
                            f"eagerly on example_inputs to plan its modules one by one failed "

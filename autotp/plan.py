@@ -287,8 +287,8 @@ def load_plan(path: str | Path) -> Plan:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise PlanFormatError(f"'{path}' is not a plan file: it is not text (byte {e.start} is {e.object[e.start]:#04x}, "
-                              f"not UTF-8); a plan is the text autotp.make_plan(...).save(file) or "
+        raise PlanFormatError(f"'{path}' is not a plan file: it is not text (byte {e.start} is "
+                              f"{e.object[e.start]:#04x}, not UTF-8); a plan is the text autotp.make_plan(...).save(file) or "
                               f"'autotp plan MODEL --tp N -o FILE' writes") from None
     except OSError as e:
         raise PlanFormatError(f"plan file '{path}' cannot be read: {e.strerror}") from None

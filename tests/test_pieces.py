@@ -88,7 +88,8 @@ def build(name: str):
     if name == "nn.Transformer":
         m = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
                            batch_first=True, dropout=0.0).eval()
-        return m, (torch.randn(2, 5, 32), torch.randn(2, 4, 32), None, nn.Transformer.generate_square_subsequent_mask(4))
+        mask = nn.Transformer.generate_square_subsequent_mask(4)
+        return m, (torch.randn(2, 5, 32), torch.randn(2, 4, 32), None, mask)
     if name == "branchy":
         return BranchyNet(), (torch.randn(2, 5, 32),)
     if name == "mask_in_forward":

@@ -145,7 +145,8 @@ class _ModuleTracker:
 
 def _tensor_args(mod: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, tuple[int, ...]]]:
     names = positional_names(mod)
-    out = [(names[i] if i < len(names) else str(i), _sizes(a)) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    out = [(names[i] if i < len(names) else str(i), _sizes(a))
+           for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     return out + [(k, _sizes(v)) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
 
 

@@ -144,9 +144,10 @@ class _Checker:
                 mine = self.c.alias_in(name, m)
                 if splits.get(mine) != split:
                     e = self.entry(m)
-                    self.add(f"module '{m or '<root>'}' ({'no plan line' if e is None else f'line {e.line}: {e.style}'}) "
-                             f"computes with "
-                             f"'{mine or name}', which is tied to '{by}': {_which(self.entry(by.rpartition('.')[0]), by)} "
+                    line = "no plan line" if e is None else f"line {e.line}: {e.style}"
+                    holder = _which(self.entry(by.rpartition(".")[0]), by)
+                    self.add(f"module '{m or '<root>'}' ({line}) computes with "
+                             f"'{mine or name}', which is tied to '{by}': {holder} "
                              f"shards that tensor (dim {split.dim}) for every module holding it, so '{m or '<root>'}' "
                              f"would see this rank's slice only. Fix: give it the matching line (a tied head: "
                              f"'colwise ... gather=1', as autotp.make_plan writes), or replicate both")

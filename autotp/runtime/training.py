@@ -3,9 +3,9 @@ whole gradient.
 
 ``fingerprint`` sums each parameter before it is sharded and ``check_same`` compares the sums, which travel in
 ``parallelize``'s one agreement all-reduce: ranks that built the model with different seeds would otherwise
-each take their slice of another model. ``clip_grad_norm_`` is torch's, with the norm taken over the tensor-parallel group: each sharded
-parameter's slices are counted once over the ranks (a block held by ``rep`` ranks once, not ``rep`` times),
-each replicated parameter once, so every rank clips by the same factor and replicated parameters stay equal.
+each take their slice of another model. ``clip_grad_norm_`` is torch's, with the norm taken over the
+tensor-parallel group: each sharded parameter's slices are counted once over the ranks (a block held by ``rep``
+ranks once, not ``rep`` times), each replicated parameter once, so every rank clips by the same factor and replicated parameters stay equal.
 """
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def check_same(named: list[tuple[str, nn.Parameter]], rows: torch.Tensor, rank: 
     name, p = named[i]
     others = [r for r in range(fp.shape[0]) if differ[r, i]]
     raise RankError(
-        f"rank {rank}: parameter '{name}' {list(p.shape)} differs between the ranks (its sum is {float(fp[0, i, 0]):.6g} "
+        f"rank {rank}: parameter '{name}' {list(p.shape)} differs between the ranks (its sum is "
+        f"{float(fp[0, i, 0]):.6g} "
         f"on rank 0, {float(fp[others[0], i, 0]):.6g} on rank {others[0]}; ranks {others} differ from rank 0 in "
         f"{int(differ.any(dim=0).sum())} of {len(named)} parameters). Every rank must hold the same model before it "
         f"is sharded: seed identically before building it (torch.manual_seed(0) on every rank), or load the same "
