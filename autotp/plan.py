@@ -15,13 +15,13 @@ from autotp.errors import PlanFormatError, PlanMismatchError
 
 FORMAT = "autotp-plan 1"
 STYLES = {
-    "colwise": {"in", "out", "w", "seg", "rep", "gather", "group"},  # output features sharded (seg: fused segments,
+    "colwise": {"in", "out", "w", "seg", "rep", "gather", "group", "split"},  # output features sharded (seg: fused segments,
     # each sharded; rep: fewer heads than ranks, each block of features held by rep ranks; gather=1: output
     # all-gathered; group: the column -> row group it opens, named by the module holding it)
-    "rowwise": {"in", "out", "w", "group"},  # input features sharded, one all-reduce after (group: the one it closes)
+    "rowwise": {"in", "out", "w", "group", "split"},  # input features sharded, one all-reduce after (group: the one it closes)
     "replicate": {"in", "out", "w", "rows", "dim"},  # every rank keeps the whole module
-    "vocab": {"rows", "dim"},  # an embedding table sharded by rows: each rank looks up its ids, one all-reduce
-    "localize": set(),  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
+    "vocab": {"rows", "dim", "split"},  # an embedding table sharded by rows: each rank looks up its ids, one all-reduce
+    "localize": {"split"},  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
     "slice": {"arg", "dim", "size", "merged"},  # a replicated argument (arg=name) each rank slices along dim
@@ -29,6 +29,9 @@ STYLES = {
     "experts": {"n", "col", "row", "w", "seg"},  # n experts' 3-D weights sliced in place: col=names by outputs
     # (seg: fused segments), row=names by inputs; f at the module's inputs, one all-reduce of its output
 }
+# split=5,4 (colwise, rowwise, vocab, localize): an uneven split, when tp does not divide a size: every sharded
+# size of the group is cut into sum(split) whole units (heads, KV groups, blocks of features, rows) and rank r holds
+# split[r] of them. A patch value may be a per-rank list the same way (n_head=6,3).
 _INT_KEYS = {"in", "out", "rep", "rows", "dim", "gather", "n", "size", "merged"}
 
 
@@ -241,7 +244,7 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
     params = []
     for kv in words[2:]:
         k, eq, v = kv.partition("=")
-        if style == "patch" and eq and all(x.isidentifier() for x in k.split(".")) and v.lstrip("-").isdigit():
+        if style == "patch" and eq and all(x.isidentifier() for x in k.split(".")) and re.fullmatch(r"-?\d+(,\d+)*", v):
             params.append((k, v))
             continue
         if style == "patch":
@@ -257,6 +260,9 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
             raise PlanFormatError(f"{where}: w={v} must be out_in ([out, in] weight) or in_out ([in, out])")
         if k == "seg" and not re.fullmatch(r"\d+(,\d+)*", v):
             raise PlanFormatError(f"{where}: seg={v} must be comma-separated sizes, e.g. seg=64,64,64")
+        if k == "split" and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)+", v):
+            raise PlanFormatError(f"{where}: split={v} must be the units each rank holds, one positive whole "
+                                  f"number per rank, e.g. split=5,4")
         params.append((k, v))
     e = Entry(path, style, tuple(params), reason, line=no)
     seg, out = e.ints("seg"), e.ints("out")

@@ -17,24 +17,47 @@ from autotp.plan import Entry
 SHARDING = ("colwise", "rowwise", "vocab", "experts")  # the styles whose lines split parameters
 
 
-def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def balanced(units: int, tp: int) -> tuple[int, ...]:
+    """``units`` whole units (heads, KV groups, blocks of features, rows) over ``tp`` ranks, as evenly as they go:
+    the first ``units % tp`` ranks hold one more.
+
+    >>> balanced(9, 2), balanced(3, 2), balanced(12, 5)
+    ((5, 4), (2, 1), (3, 3, 2, 2, 2))
+    """
+    if units < tp:
+        raise ValueError(f"{units} units cannot be spread over {tp} ranks")
+    return tuple(units // tp + (1 if r < units % tp else 0) for r in range(tp))
+
+
+def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None = None,
+                 parts: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Index ranges along one dim that ``rank`` keeps.
 
     Each segment (a fused projection's q|k|v parts; one segment by default) is split
     into ``tp`` equal contiguous pieces and rank ``r`` keeps piece ``r`` of every segment.
+    ``parts`` (an uneven split, ``split=`` on a plan line): each segment is cut into ``sum(parts)`` equal units
+    and rank ``r`` keeps ``parts[r]`` of them, after those of the ranks before it.
 
     >>> shard_ranges(12, 1, 2, [4, 4, 4])
     [(2, 4), (6, 8), (10, 12)]
+    >>> shard_ranges(18, 1, 2, [9, 3, 6], parts=(2, 1))
+    [(6, 9), (11, 12), (16, 18)]
     """
     segments = list(segments) if segments else [size]
     if sum(segments) != size:
         raise ValueError(f"segments {segments} do not add up to size {size}")
+    if parts is not None and len(parts) != tp:
+        raise ValueError(f"split {','.join(map(str, parts))} names {len(parts)} ranks, not tp={tp}")
+    units = sum(parts) if parts is not None else tp
+    first = sum(parts[:rank]) if parts is not None else rank
+    mine = parts[rank] if parts is not None else 1
     out, off = [], 0
     for seg in segments:
-        if seg % tp:
-            raise ValueError(f"segment of size {seg} is not divisible by tp={tp}")
-        step = seg // tp
-        out.append((off + rank * step, off + (rank + 1) * step))
+        if seg % units:
+            raise ValueError(f"segment of size {seg} is not divisible by "
+                             + (f"the {units} units of split {','.join(map(str, parts))}" if parts else f"tp={tp}"))
+        step = seg // units
+        out.append((off + first * step, off + (first + mine) * step))
         off += seg
     return out
 
@@ -42,16 +65,18 @@ def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None =
 @dataclass(frozen=True)
 class Split:
     """How a plan line divides a tensor among ranks: along ``dim`` (None: every rank holds all of it) into
-    ``tp // rep`` blocks, each fused segment (``seg=``) separately; ``rep`` neighbouring ranks share a block."""
+    ``tp // rep`` blocks, each fused segment (``seg=``) separately; ``rep`` neighbouring ranks share a block.
+    ``parts`` (``split=``): uneven blocks, rank r holding ``parts[r]`` of ``sum(parts)`` units of each segment."""
 
     dim: int | None = None
     tp: int = 1
     rep: int = 1
     segments: tuple[int, ...] | None = None
+    parts: tuple[int, ...] | None = None
 
     def ranges(self, size: int, rank: int) -> list[tuple[int, int]]:
         """Index ranges along ``dim`` of a full tensor (``size`` long there) that ``rank`` holds."""
-        return shard_ranges(size, rank // self.rep, self.tp // self.rep, self.segments)
+        return shard_ranges(size, rank // self.rep, self.tp // self.rep, self.segments, self.parts)
 
     def take(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         """The part of ``full`` that ``rank`` holds: a contiguous copy (the full tensor can be freed), or
@@ -63,17 +88,31 @@ class Split:
             return parts[0].clone(memory_format=torch.contiguous_format)
         return torch.cat(parts, self.dim)
 
-    def local_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
-        """The shape every rank holds of a full tensor of ``shape``."""
+    def local_shape(self, shape: Sequence[int], rank: int = 0) -> tuple[int, ...]:
+        """The shape ``rank`` holds of a full tensor of ``shape`` (the same on every rank unless ``parts``)."""
         if self.dim is None:
             return tuple(shape)
-        return tuple(s // (self.tp // self.rep) if d == self.dim else s for d, s in enumerate(shape))
+        n, d = self._share(rank)
+        return tuple(s * n // d if i == self.dim else s for i, s in enumerate(shape))
 
-    def full_shape(self, local: Sequence[int]) -> tuple[int, ...]:
-        """The shape of the full tensor of which each rank holds ``local``."""
+    def full_shape(self, local: Sequence[int], rank: int = 0) -> tuple[int, ...]:
+        """The shape of the full tensor of which ``rank`` holds ``local``."""
         if self.dim is None:
             return tuple(local)
-        return tuple(s * (self.tp // self.rep) if d == self.dim else s for d, s in enumerate(local))
+        n, d = self._share(rank)
+        return tuple(s * d // n if i == self.dim else s for i, s in enumerate(local))
+
+    def _share(self, rank: int) -> tuple[int, int]:
+        """``rank``'s share of the split dim as a fraction (numerator, denominator)."""
+        if self.parts is not None:
+            return self.parts[rank // self.rep], sum(self.parts)
+        return 1, self.tp // self.rep
+
+
+def parts_of(entry: Entry | None) -> tuple[int, ...] | None:
+    """A line's uneven split (``split=5,4``: the units each rank holds), or None for an even one."""
+    p = entry.ints("split") if entry is not None else None
+    return tuple(p) if p else None
 
 
 def split_of(entry: Entry | None, leaf: str, tp: int) -> Split:
@@ -92,11 +131,11 @@ def split_of(entry: Entry | None, leaf: str, tp: int) -> Split:
     if entry.style == "colwise" and leaf in ("weight", "bias"):
         seg = entry.ints("seg")
         dim = 1 if in_out and leaf == "weight" else 0
-        return Split(dim, tp, int(entry.get("rep", "1")), tuple(seg) if seg else None)
+        return Split(dim, tp, int(entry.get("rep", "1")), tuple(seg) if seg else None, parts_of(entry))
     if entry.style == "rowwise" and leaf == "weight":
-        return Split(0 if in_out else 1, tp)
+        return Split(0 if in_out else 1, tp, parts=parts_of(entry))
     if entry.style == "vocab" and leaf == "weight":
-        return Split(0, tp)
+        return Split(0, tp, parts=parts_of(entry))
     if entry.style == "experts":  # [experts, out, in] weights, or [experts, in, out] for w=in_out
         seg = entry.ints("seg")
         if leaf in (entry.get("col") or "").split(","):
