@@ -231,7 +231,7 @@ def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, ent
             err: NoRule, tries: int = 6):
     """The group of ``s`` failed because tp does not divide a size: grow it again with every sharded size cut into
     U whole units (heads, KV groups, blocks of features), rank r holding ``balanced(U, tp)[r]`` of them. U divides
-    every size that failed so far (9 query heads, then a 192-feature KV projection: U divides 3) and is at least tp.
+    every size that failed so far (9 query heads, then a 192-feature KV projection: U divides 3) and is above tp.
     (split, what _grow returned) for the first that closes, else None."""
     need, tried = err.sizes[0], set()
     for _ in range(tries):
@@ -249,10 +249,17 @@ def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, ent
 
 
 def _unit_counts(size: int, tp: int) -> list[int]:
-    """Unit counts U for a size tp does not divide: U divides it and U > tp, preferring units of a multiple of 64
-    features, then of 8 (kernels stay fast), then the most units (the most even split: 9 heads at tp=2 -> 5,4)."""
+    """Unit counts U for a size tp does not divide: U divides it and U > tp. First those that spread evenly enough
+    (the largest rank holds at most 15% more than the mean), among them units of a multiple of 64 features, then of
+    8 (kernels stay fast), then the most units; then the rest, the most even first."""
+    def imbalance(u: int) -> float:
+        return -(-u // tp) * tp / u
+
+    def grain(u: int) -> int:
+        return 0 if (size // u) % 64 == 0 else 1 if (size // u) % 8 == 0 else 2
+
     divs = [u for u in range(tp + 1, size + 1) if size % u == 0 and u % tp]
-    return sorted(divs, key=lambda u: (0 if (size // u) % 64 == 0 else 1 if (size // u) % 8 == 0 else 2, -u))
+    return sorted(divs, key=lambda u: (imbalance(u) > 1.15, grain(u), imbalance(u), -u))
 
 
 def uneven_cause(c: Captured, err: NoRule) -> str:
