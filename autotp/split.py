@@ -62,11 +62,57 @@ def shard_ranges(size: int, rank: int, tp: int, segments: Sequence[int] | None =
     return out
 
 
+def held(parts: Sequence[int], rep: int, rank: int) -> tuple[int, int, int]:
+    """(first, count, of how many) of the blocks ``rank`` holds under an uneven split: with ``rep == 1`` the
+    split's units themselves; with ``rep > 1`` every ``rep`` consecutive units share one block (a KV head and its
+    query heads), and a rank holds each block any of its units lie in (several ranks may hold one block).
+
+    >>> held((2, 1, 3, 3), 3, 1), held((2, 1, 3, 3), 3, 2), held((6, 3), 3, 0)
+    ((0, 1, 3), (1, 1, 3), (0, 2, 3))
+    """
+    a = sum(parts[:rank])
+    b = a + parts[rank]
+    if rep == 1:
+        return a, parts[rank], sum(parts)
+    return a // rep, -(-b // rep) - a // rep, sum(parts) // rep
+
+
+def aligned(parts: Sequence[int], rep: int) -> bool:
+    """Every rank's units lie inside one block of ``rep`` units, or cover whole blocks."""
+    a = 0
+    for p in parts:
+        b = a + p
+        if not (a // rep == (b - 1) // rep or (a % rep == 0 and b % rep == 0)):
+            return False
+        a = b
+    return True
+
+
+def grouped(units: int, rep: int, tp: int) -> tuple[int, ...] | None:
+    """An uneven split of ``units`` over ``tp`` ranks that keeps every block of ``rep`` units (a KV group) on ranks
+    of its own: whole blocks per rank where there are at least tp blocks, else each block's units spread over the
+    ranks given to it. None if a block would need more ranks than it has units.
+
+    >>> grouped(9, 3, 4), grouped(14, 7, 4), grouped(9, 3, 2)
+    ((2, 1, 3, 3), (4, 3, 4, 3), (6, 3))
+    """
+    blocks = units // rep
+    if blocks >= tp:
+        return tuple(p * rep for p in balanced(blocks, tp))
+    out: list[int] = []
+    for ranks in balanced(tp, blocks):
+        if ranks > rep:
+            return None
+        out += balanced(rep, ranks)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Split:
     """How a plan line divides a tensor among ranks: along ``dim`` (None: every rank holds all of it) into
     ``tp // rep`` blocks, each fused segment (``seg=``) separately; ``rep`` neighbouring ranks share a block.
-    ``parts`` (``split=``): uneven blocks, rank r holding ``parts[r]`` of ``sum(parts)`` units of each segment."""
+    ``parts`` (``split=``): uneven blocks, rank r holding ``parts[r]`` of ``sum(parts)`` units of each segment
+    (with ``rep > 1``: the blocks of ``rep`` units its units lie in, ``held``)."""
 
     dim: int | None = None
     tp: int = 1
@@ -76,6 +122,16 @@ class Split:
 
     def ranges(self, size: int, rank: int) -> list[tuple[int, int]]:
         """Index ranges along ``dim`` of a full tensor (``size`` long there) that ``rank`` holds."""
+        if self.parts is not None and self.rep > 1:
+            first, n, total = held(self.parts, self.rep, rank)
+            out = []
+            for a, b in _seg_ranges(size, self.segments or (size,)):
+                if (b - a) % total:
+                    raise ValueError(f"segment of size {b - a} is not divisible by the {total} blocks of split "
+                                     f"{','.join(map(str, self.parts))} with rep={self.rep}")
+                step = (b - a) // total
+                out.append((a + first * step, a + (first + n) * step))
+            return out
         return shard_ranges(size, rank // self.rep, self.tp // self.rep, self.segments, self.parts)
 
     def take(self, full: torch.Tensor, rank: int) -> torch.Tensor:
@@ -105,8 +161,19 @@ class Split:
     def _share(self, rank: int) -> tuple[int, int]:
         """``rank``'s share of the split dim as a fraction (numerator, denominator)."""
         if self.parts is not None:
-            return self.parts[rank // self.rep], sum(self.parts)
+            _, n, total = held(self.parts, self.rep, rank)
+            return n, total
         return 1, self.tp // self.rep
+
+
+def _seg_ranges(size: int, segments: Sequence[int]) -> list[tuple[int, int]]:
+    out, off = [], 0
+    for seg in segments:
+        out.append((off, off + seg))
+        off += seg
+    if off != size:
+        raise ValueError(f"segments {list(segments)} do not add up to size {size}")
+    return out
 
 
 def parts_of(entry: Entry | None) -> tuple[int, ...] | None:

@@ -62,9 +62,11 @@ def _held_fraction(e, leaf: str, tp: int, rank: int = 0) -> tuple[int, int]:
     named = (e.get("col") or "").split(",") + (e.get("row") or "").split(",")
     sharded = (e.style == "colwise" and leaf in ("weight", "bias") or e.style in ("rowwise", "vocab") and leaf == "weight"
                or e.style == "experts" and leaf in named)
-    if sharded and e.get("split"):
-        split = [int(x) for x in e.get("split").split(",")]
-        return split[rank], sum(split)
+    if sharded and e.get("split"):  # uneven: this rank's blocks (with rep=, a KV head may be held by several)
+        from autotp.split import held
+
+        _, n, total = held([int(x) for x in e.get("split").split(",")], int(e.get("rep", "1")), rank)
+        return n, total
     return (int(e.get("rep", "1")), tp) if sharded else (1, 1)
 
 

@@ -69,6 +69,18 @@ def test_mlp_width_split_in_blocks_of_features():
     assert got["model.layers.*.self_attn.q_proj"].get("split") is None  # 9 heads, 3 KV heads: even at tp=3
 
 
+def test_kv_heads_fewer_than_ranks():
+    """9 heads in 3 KV groups at tp=4 (SmolLM2's layout): a group's queries stay on ranks of their own, its KV
+    head held by each of them (rep=3 units per head); the per-rank KV group size patched."""
+    got = lines(autotp.make_plan(llama(), 4))
+    assert got["model.layers.*.self_attn.q_proj"].get("split") == "2,1,3,3"
+    k = got["model.layers.*.self_attn.k_proj"]
+    assert (k.get("split"), k.get("rep")) == ("2,1,3,3", "3"), k
+    assert got["model.layers.*.self_attn"].params == (("num_key_value_groups", "2,1,3,3"),)
+    q = lines(autotp.make_plan(llama(heads=14, kv=2), 4))  # Qwen2.5-0.5B's layout
+    assert q["model.layers.*.self_attn.v_proj"].get("split") == "4,3,4,3", q["model.layers.*.self_attn.v_proj"]
+
+
 def test_twelve_heads_at_tp5():
     got = lines(autotp.make_plan(gpt2(), 5))
     assert got["transformer.h.*.attn.c_attn"].get("split") == "3,3,2,2,2", got["transformer.h.*.attn.c_attn"]
@@ -95,7 +107,7 @@ def test_edited_split_is_checked():
 
 
 def _cases(world: int) -> list[str]:
-    return {2: ["llama", "llama_tied", "nanogpt"], 3: ["llama", "mlp_wide"], 4: ["nanogpt", "llama_kv"],
+    return {2: ["llama", "llama_tied", "nanogpt"], 3: ["llama", "mlp_wide"], 4: ["llama", "qwen"],
             5: ["gpt2"]}[world]
 
 
@@ -104,12 +116,12 @@ def _build(name: str):
         return llama(), None
     if name == "llama_tied":
         return llama(tie=True), None
-    if name == "llama_kv":  # 8 heads, 8 KV heads, MLP 160: heads even at tp=4, the MLP in blocks of 8
-        return llama(heads=8, kv=8), None
+    if name == "qwen":  # Qwen2.5-0.5B's layout: 14 heads, 2 KV heads; at tp=4 each KV head on 2 ranks, queries 4,3
+        return llama(heads=14, kv=2), None
     if name == "gpt2":
         return gpt2(), None
-    if name == "nanogpt":  # the reference code's own reshapes (C // n_head): localized at each rank's share
-        return nanogpt(), (torch.randint(0, 97, (3, 12)),)
+    if name == "nanogpt":  # 5 heads; the reference code's own reshapes (C // n_head) localized at each rank's share
+        return nanogpt(5), (torch.randint(0, 97, (3, 12)),)
     if name == "mlp_wide":  # a width of 1000 (no block of 64 divides it; 125 blocks of 8)
         from models import MLPStack
 

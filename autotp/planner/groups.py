@@ -22,7 +22,7 @@ from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.propagate import Propagation, at_node, producers
 from autotp.planner.sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
 from autotp.planner.slicing import entering
-from autotp.split import balanced
+from autotp.split import aligned, balanced, grouped
 
 
 @dataclass
@@ -38,7 +38,9 @@ class Analysis:
     modules: tuple[str, ...] = ()  # every module path of the model: globs in the plan name no others
     lookups: list[Lookup] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
-    const_parts: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # shape constants of uneven groups
+    # shape constants of uneven groups: (node, position) -> every rank's value; node -> the group's split
+    const_parts: dict[tuple[fx.Node, int], tuple[int, ...]] = field(default_factory=dict)
+    const_split: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
 
 
 def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
@@ -108,6 +110,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             for x in cols + rows:
                 split_of_node[x.node] = uneven[s.node]
             analysis.const_parts.update(g.const_parts)
+            analysis.const_split.update(g.const_split)
         for ent in new:
             entered.setdefault(ent.node, []).append((ent.module, ent.layout))
             slices.setdefault(f"{ent.module}:{ent.arg}", ent.entry())
@@ -152,7 +155,9 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
         r = all_reps.get(s.node.name, 1)
         if style == "colwise" and r > 1:
             params.append(("rep", str(r)))
-            reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
+            reason += (f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
+                       if s.node not in split_of_node else "; fewer heads than ranks: each held by the ranks of its "
+                       "query heads (several, where they share it), its gradient summed among them")
         if style in ("colwise", "rowwise") and s.node in group_of:
             params.append(("group", group_of[s.node]))
         if style in ("colwise", "rowwise") and s.node in split_of_node:
@@ -194,16 +199,17 @@ def _grow(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, enter
     while True:
         g = Propagation(c, sites, committed, roles, tp, reps, entered, new, parts)
         try:
-            bad = [x for x in cols if x.out_features % (units // reps.get(x.node.name, 1))]
-            if bad:
-                b = bad[0]
-                small = b.out_features < units  # a gate of width 1 is replicated, not an error
-                e = NoRule(f"out features {b.out_features} of '{b.module}' "
-                           f"{'smaller than' if small else 'not divisible by'} "
-                           + (f"tp={tp}" if parts is None else f"{units} units"), sizes=() if small else (b.out_features,))
-                e.cause = f"the {b.out_features} output features of '{glob_of(b.module)}'"
-                raise at_node(b.node, e)
+            if parts is None:
+                _widths(cols, tp, units, reps, parts)
             rows = g.grow(cols)
+            if parts is not None:  # after growing: heads held by several ranks show only there (rep)
+                _widths(cols, tp, units, reps, parts)
+                regroup = _regroup(parts, reps, tp)
+                if regroup != parts:
+                    if regroup is None:
+                        raise at_node(cols[0].node, NoRule(f"KV groups of {set(reps.values())} heads cannot be "
+                                                           f"kept whole on {tp} ranks"))
+                    return _grow(c, sites, committed, roles, tp, entered, s, regroup)
         except Need as e:
             more = _pullable(c, sites, e.value, cols, roles, committed)
             if more:
@@ -227,6 +233,31 @@ def _grow(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, enter
     return g, cols, rows, err, reps, new
 
 
+def _widths(cols: list[Site], tp: int, units: int, reps: dict, parts) -> None:
+    """Every column's output features cut into the group's units (a rep'd column's: into units // rep)."""
+    bad = [x for x in cols if x.out_features % (units // reps.get(x.node.name, 1))]
+    if bad:
+        b = bad[0]
+        small = b.out_features < units  # a gate of width 1 is replicated, not an error
+        e = NoRule(f"out features {b.out_features} of '{b.module}' "
+                   f"{'smaller than' if small else 'not divisible by'} "
+                   + (f"tp={tp}" if parts is None else f"{units} units"), sizes=() if small else (b.out_features,))
+        e.cause = f"the {b.out_features} output features of '{glob_of(b.module)}'"
+        raise at_node(b.node, e)
+
+
+def _regroup(parts: tuple[int, ...], reps: dict, tp: int) -> tuple[int, ...] | None:
+    """``parts``, or a split of the same units that keeps each block of ``rep`` units (a KV head's query heads) on
+    ranks of its own, where some heads are held by several ranks; None if none does."""
+    rs = set(reps.values())
+    if not rs:
+        return parts
+    if len(rs) > 1:
+        return None
+    rep = rs.pop()
+    return parts if aligned(parts, rep) else grouped(sum(parts), rep, tp)
+
+
 def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, entered: dict, s: Site,
             err: NoRule, tries: int = 6):
     """The group of ``s`` failed because tp does not divide a size: grow it again with every sharded size cut into
@@ -241,7 +272,7 @@ def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, ent
         tried.add(u)
         got = _grow(c, sites, committed, roles, tp, entered, s, balanced(u, tp))
         if got[3] is None and got[2]:
-            return balanced(u, tp), got
+            return got[0].parts, got  # regrouped where KV heads are held by several ranks
         if got[3] is not None and got[3].sizes:
             need = math.gcd(need, got[3].sizes[0])
             err.sizes = tuple(dict.fromkeys(err.sizes + got[3].sizes))  # for the error, if nothing works

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from autotp.split import held
+
 aten = torch.ops.aten
 
 
@@ -36,8 +38,11 @@ class Shard:
 
     def local(self, shape: tuple[int, ...] | list[int], tp: int, rank: int = 0) -> list[int]:
         s = list(shape)
-        if self.parts is not None:
-            s[self.dim] = s[self.dim] * self.parts[rank] // sum(self.parts)
+        if self.parts is not None:  # rank's blocks (``split.held``); of a spread dim, its units' share per block
+            _, n, total = held(self.parts, self.rep, rank)
+            s[self.dim] = s[self.dim] * n // total
+            if self.spread is not None:
+                s[self.spread] = s[self.spread] * self.parts[rank] // (n * self.rep)
             return s
         s[self.dim] = s[self.dim] * self.rep // tp
         if self.spread is not None:

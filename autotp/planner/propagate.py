@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from autotp.capture.export import Captured
 from autotp.planner.grads import activation_grads
-from autotp.planner.layouts import Need, NoRule, Rep, Shard
+from autotp.planner.layouts import Need, NoRule, Shard
 from autotp.planner.rules import rule_for
 from autotp.planner.sites import Site, experts_boundary, op_name
 from autotp.planner.slicing import inside
@@ -37,7 +37,10 @@ class Propagation:
         # which read ``tp``, check every size against that count while they run on its values
         self.parts = parts
         self.tp = sum(parts) if parts else tp
-        self.const_parts: dict[fx.Node, tuple[int, ...]] = {}  # shape constants of uneven groups -> their split
+        # shape constants of uneven groups: (node, position) -> every rank's value
+        self.const_parts: dict[tuple[fx.Node, int], tuple[int, ...]] = {}
+        self._pending: list[int] = []
+        self.const_split: dict[fx.Node, tuple[int, ...]] = {}  # their nodes -> the group's split
         self.reps = reps or {}
         # replicated values each rank slices as they enter a module: node -> [(module, layout inside it)]
         self.entering: dict[fx.Node, list[tuple[str, Shard]]] = {k: list(v) for k, v in (entering or {}).items()}
@@ -93,13 +96,29 @@ class Propagation:
             self.segs[root] = sizes
 
     def shape_const(self, node: fx.Node, pos: int, global_: int, local: int) -> None:
-        """A size baked in at ``node``; ``local`` is rank 0's (for an uneven split, the rules computed one
-        unit's: scaled here to rank 0's units)."""
-        parts = self._now
-        if parts is not None:
-            local *= parts[0]
-            self.const_parts[node] = parts
+        """A size baked in at ``node``; ``local`` is rank 0's (for an uneven split the rules computed one unit's:
+        ``apply`` sets every rank's from the output's layout once the rule has returned it)."""
+        if self._now is not None:
+            self._pending.append(len(self.consts))
         self.consts.append((node, pos, global_, local))
+
+    def _uneven_consts(self, n: fx.Node, out: Any) -> None:
+        """The shape constants the rule just recorded at ``n``, each rank's value from ``out``'s layout."""
+        lay = out[0] if isinstance(out, list) else out
+        shape = self.c.shape(n)
+        for i in self._pending:
+            node, pos, g, _ = self.consts[i]
+            flat = shape is not None and not isinstance(shape[0], (list, tuple))
+            if lay is not None and flat and pos < len(shape) and shape[pos] == g:  # a size: this rank's blocks of it
+                each = tuple(lay.local(shape, self.tp, r)[pos] for r in range(len(lay.parts)))
+            elif lay is not None and lay.rep == 1:  # an offset or a piece's size: scaled by the rank's units
+                each = tuple(self.consts[i][3] * p for p in lay.parts)
+            else:
+                raise NoRule(f"{n.name} ({n.target}): a size baked in where a group split unevenly meets it")
+            self.consts[i] = (node, pos, g, each[0])
+            self.const_parts[node, pos] = each
+            self.const_split[node] = lay.parts
+        self._pending = []
 
     _now: tuple[int, ...] | None = None  # the split of the values the running rule reads
 
@@ -137,16 +156,14 @@ class Propagation:
         except Need as e:
             e.layout = replace(e.layout, parts=parts)
             raise
-        except Rep:
-            if parts is not None:
-                raise NoRule(f"{n.name} ({n.target}): fewer heads than ranks in a group that is split unevenly")
-            raise
         finally:
             self.tp, self._now = saved
         if out is not None:
             self._whole_gradients(n)
             out = [replace(o, parts=parts) if o is not None else o for o in out] if isinstance(out, list) \
                 else replace(out, parts=parts)
+        if self._pending:
+            self._uneven_consts(n, out)
         return out
 
     def _whole_gradients(self, n: fx.Node) -> None:

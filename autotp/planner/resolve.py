@@ -61,10 +61,10 @@ def _check_patch(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
         old = ints[k]
         if "," in v:  # one value per rank: this rank's part of a size split unevenly
             vals = [int(x) for x in v.split(",")]
-            if len(vals) != tp or min(vals) < 1 or sum(vals) != old:
+            if len(vals) != tp or min(vals) < 1 or max(vals) > old:
                 raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' "
                                         f"has {k}={old}; a per-rank patch gives each of the tp={tp} ranks its part "
-                                        f"of it, {len(vals)} values adding up to {sum(vals)} is not that. Fix or "
+                                        f"of it (1 to {old}), which {len(vals)} values {v} are not. Fix or "
                                         f"drop the line (autotp.make_plan writes the patches a model needs)")
             continue
         new = int(v)
@@ -149,11 +149,12 @@ def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
     if e.get("gather") == "1" and (e.get("seg") or r > 1):
         raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): gather=1 cannot be combined with seg= or "
                                 f"rep=; drop one of them")
-    if tp % r:
-        raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
     if r > 1 and e.get("split"):
-        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): rep= and split= cannot be combined; "
-                                f"drop one of them")
+        if _units(e, tp) % r:
+            raise ShardingError(f"module '{path}': rep={r} does not divide the {_units(e, tp)} units of "
+                                f"split={e.get('split')}")
+    elif tp % r:
+        raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
     units = _units(e, tp) // r
     if e.style == "colwise" and any(s % units for s in seg):
         ok = [t for t in range(1, max(seg) + 1) if all(s % t == 0 for s in seg)]

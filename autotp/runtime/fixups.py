@@ -47,8 +47,8 @@ def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -
         if patch is not None:
             entries.append(patch)
             continue
-        split = next((",".join(map(str, a.const_parts[n])) for n, *_ in a.shape_consts
-                      if n in a.const_parts and Captured.owner(n) in mine), None)
+        split = next((",".join(map(str, a.const_split[n])) for n, *_ in a.shape_consts
+                      if n in a.const_split and Captured.owner(n) in mine), None)
         entries += [Entry(o, "localize", (("split", split),) if split else (),
                           "sizes along sharded dims are baked into its reshapes; its forward is rewritten to local "
                           "sizes") for o in mine]
@@ -85,52 +85,53 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
     another attribute (``heads * head_dim``). Candidates are added greedily while they reduce
     the shape mismatches of this module; the result must remove them all.
     """
-    lits: dict[int, int] = {}  # global size -> rank 0's local size
-    ranks: dict[int, tuple[int, ...]] = {}  # global size -> every rank's local size (they differ where split unevenly)
+    # global size -> every rank's local sizes found for it (two options where sizes coincide: 3 KV heads and a
+    # KV group of 3 queries, each with its own local values)
+    ranks: dict[int, list[tuple[int, ...]]] = {}
     tp = a.plan.tp
-    for n, _, g, loc in a.shape_consts:
+    for n, pos, g, loc in a.shape_consts:
         if glob_of(Captured.owner(n)) == pattern:
-            parts = a.const_parts.get(n)
-            each = tuple(loc // parts[0] * p for p in parts) if parts else (loc,) * tp
-            lits[g] = loc if lits.get(g, loc) == loc else -1
-            ranks[g] = each if ranks.get(g, each) == each else (-1,) * tp
+            each = a.const_parts.get((n, pos), (loc,) * tp)
+            if min(each) > 0 and each not in ranks.setdefault(g, []):
+                ranks[g].append(each)
     mod = model.get_submodule(owners[0])
     ints = patchable(mod)
     values = set(ints.values())
-    local: dict[str, tuple[int, ...]] = {}  # attribute -> its value on each rank
+    cands: list[tuple[str, tuple[int, ...]]] = []  # (attribute, its value on each rank)
     for k, v in ints.items():
-        if v > 1 and lits.get(v, -1) > 0 and min(ranks[v]) > 0:
-            local[k] = ranks[v]
-        elif v > 1:  # a factor of a size, the cofactor being another attribute (heads * head_dim)
-            got = [tuple(v * x // g for x in ranks[g]) for g in lits if lits[g] > 0 and min(ranks[g]) > 0
-                   and g % v == 0 and g // v in values and all((v * x) % g == 0 for x in ranks[g])]
-            if got:
-                local[k] = got[0]
-    cands = [k for k in local if local[k] != (ints[k],) * tp]
-    cands.sort(key=lambda k: (ints[k] not in lits, k.count("."), k))
+        if v <= 1:
+            continue
+        opts = list(ranks.get(v, []))
+        for g, each in ((g, e) for g in ranks for e in ranks[g]):  # a factor of a size whose cofactor is another
+            if g != v and g % v == 0 and g // v in values and all((v * x) % g == 0 for x in each):  # attribute
+                opts.append(tuple(v * x // g for x in each))
+        cands += [(k, o) for o in dict.fromkeys(opts) if o != (v,) * tp]
+    cands.sort(key=lambda kv: (ints[kv[0]] not in ranks, kv[0].count("."), kv[0]))
     path = (varying_glob(owners) or pattern) if len(owners) > 1 else owners[0]  # names no other module
 
-    def said(k: str) -> str:
-        return str(local[k][0]) if len(set(local[k])) == 1 else ",".join(map(str, local[k]))
+    def said(each: tuple[int, ...]) -> str:
+        return str(each[0]) if len(set(each)) == 1 else ",".join(map(str, each))
 
-    def entry(keys: list[str]) -> Entry:
-        return Entry(path, "patch", tuple((k, said(k)) for k in keys),
+    def entry(keys: list[tuple[str, tuple[int, ...]]]) -> Entry:
+        return Entry(path, "patch", tuple((k, said(o)) for k, o in keys),
                      "sizes along sharded dims come from these attributes; set to local values")
 
-    def problems(keys: list[str]) -> int:
+    def problems(keys: list) -> int:
         a.plan = a.plan.with_entries(compress(entries + [entry(keys)], a.modules or None))
         return len([o for o, _, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
 
-    cands, chosen = cands[:8], []
+    cands, chosen = cands[:10], []
     best = problems(chosen) if cands else 0
-    for k in cands:  # greedy: keep what removes mismatches
-        n = problems(chosen + [k])
+    for kv in cands:  # greedy: keep what removes mismatches
+        if any(k == kv[0] for k, _ in chosen):
+            continue
+        n = problems(chosen + [kv])
         if n < best:
-            chosen, best = chosen + [k], n
+            chosen, best = chosen + [kv], n
         if best == 0:
             return entry(chosen)
     for pair in itertools.combinations(cands, 2):  # sizes that only agree once two attributes change
-        if problems(list(pair)) == 0:
+        if pair[0][0] != pair[1][0] and problems(list(pair)) == 0:
             return entry(list(pair))
     return None
 

@@ -72,18 +72,21 @@ class ColumnParallelLinear(_ParallelLinear):
         """``rep > 1``: fewer heads than ranks; ``rep`` neighbouring ranks hold the same block of outputs.
         ``parts``: an uneven split (``split=``): rank r holds ``parts[r]`` of ``sum(parts)`` units of each segment."""
         parts = tuple(parts) if parts else None
-        if parts is not None and rep > 1:
-            raise ValueError(f"an uneven split ({','.join(map(str, parts))}) of outputs held by rep={rep} ranks each "
-                             f"is not supported: give the line split= or rep=, not both")
         blocks, block = tp // rep, rank // rep
         dim, seg = 1 if in_out else 0, tuple(segments) if segments else None
-        w = shard_tensor(weight.detach(), dim, block, blocks, seg, parts)
-        b = shard_tensor(bias.detach(), 0, block, blocks, seg, parts) if bias is not None else None
+        if parts is not None and rep > 1:  # uneven, a block (KV head) held by every rank with units in it
+            w = Split(dim, tp, rep, seg, parts).take(weight.detach(), rank)
+            b = Split(0, tp, rep, seg, parts).take(bias.detach(), rank) if bias is not None else None
+        else:
+            w = shard_tensor(weight.detach(), dim, block, blocks, seg, parts)
+            b = shard_tensor(bias.detach(), 0, block, blocks, seg, parts) if bias is not None else None
         layer = cls(_param(w, weight), _param(b, bias) if b is not None else None,
                     in_out=in_out, group=group, tp=tp, rank=rank)
         if parts is not None:
-            split, size = Split(0, tp, 1, seg, parts), weight.shape[dim]
+            split, size = Split(0, tp, rep, seg, parts), weight.shape[dim]
             layer.parts = parts
+            layer._ranges = [split.ranges(size, r) for r in range(tp)]
+            layer._full = size
             layer.widths = tuple(sum(e - a for a, e in split.ranges(size, r)) for r in range(tp))
         if rep > 1:
             layer.rep = rep
@@ -93,9 +96,20 @@ class ColumnParallelLinear(_ParallelLinear):
         return layer
 
     def _sum_over_holders(self, g: torch.Tensor) -> torch.Tensor:
-        """Sum a gradient over the ranks holding the same block: one all-reduce over a [blocks, ...] buffer."""
+        """Sum a gradient over the ranks holding the same block: one all-reduce over a [blocks, ...] buffer (an
+        uneven split: over a buffer of the full size, each rank's rows at their place)."""
         if self.group is NO_COMM:
             return g
+        if self.parts is not None:
+            d = 1 if self.in_out and g.dim() == 2 else 0
+            full = g.new_zeros((*g.shape[:d], self._full, *g.shape[d + 1:]))
+            mine, at = [], 0
+            for a, b in self._ranges[self.rank]:
+                full.narrow(d, a, b - a).copy_(g.narrow(d, at, b - a))
+                mine.append((a, b))
+                at += b - a
+            full = all_reduce(full, self.group, "backward", owned=True)
+            return torch.cat([full.narrow(d, a, b - a) for a, b in mine], d)
         buf = g.new_zeros((self.tp // self.rep, *g.shape))
         buf[self.rank // self.rep] = g
         return all_reduce(buf, self.group, "backward", owned=True)[self.rank // self.rep]
