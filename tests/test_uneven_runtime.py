@@ -80,11 +80,13 @@ class Wrap(nn.Module):
 
 
 class Vocab(nn.Module):
-    """A 7-row table (padding row 5) and an untied head of width 7."""
+    """A 7-row table (padding row 5) and a head of width 7, untied or tied to the table."""
 
-    def __init__(self, rows: int = 7, dim: int = 8):
+    def __init__(self, rows: int = 7, dim: int = 8, tied: bool = False):
         super().__init__()
-        self.wte, self.head = nn.Embedding(rows, dim, padding_idx=5), nn.Linear(dim, rows)
+        self.wte, self.head = nn.Embedding(rows, dim, padding_idx=None if tied else 5), nn.Linear(dim, rows)
+        if tied:
+            self.head.weight = self.wte.weight
 
     def forward(self, ids):
         return self.head(torch.tanh(self.wte(ids)))
@@ -215,6 +217,11 @@ def vocab(rank: int, world: int) -> dict:
         r["widths"] = model.head.widths
         r["out_of_range"] = error_of(lambda: model(torch.tensor([[1, 7]])))
         out[transport] = r
+    torch.manual_seed(0)  # the head tied to the table: one slice of it, looked up and multiplied by
+    out["tied"] = _parity(rank, world, Vocab(tied=True), text, ids)[0]
+    torch.manual_seed(0)
+    other = text.replace(f"gather=1 split={s}", "gather=1 split=" + ",".join(["1"] * (world - 1) + [str(8 - world)]))
+    out["tied_other_split"] = error_of(lambda: _apply(Vocab(tied=True), other, rank, world, ids))
     return out
 
 
@@ -226,6 +233,13 @@ def test_uneven_vocabulary_and_gathered_head(world):
     rows = 3 * 7  # tokens per forward
     for rank, r in enumerate(run_ranks(vocab, world, timeout=240)):
         assert r["shm"], r
+        x = r["tied"]
+        assert x["out_diff"] <= 1e-5 * max(1.0, x["out_scale"]) and x["param_diff"] == 0.0, x
+        assert x["grad_diff"] <= 1e-5 * max(1.0, x["grad_scale"]) and (x["fwd"], x["gathers"]) == (1, 1), x
+        assert x["shapes"]["wte.weight"] == [parts[rank], 8] and "head.weight" not in x["shapes"], x["shapes"]
+        assert "PlanMismatchError: plan line 4: 'head' colwise split=" in r["tied_other_split"], r["tied_other_split"]
+        assert "its weight is shared with a module split otherwise" in r["tied_other_split"], r["tied_other_split"]
+        print(f"vocab tp={world} tied rank {rank}: out {x['out_diff']:.2e}, grads {x['grad_diff']:.2e}")
         for transport in ("gloo", "shm"):
             x = r[transport]
             assert x["out_diff"] <= 1e-5 * max(1.0, x["out_scale"]), (transport, x)
@@ -340,9 +354,9 @@ def test_layers_and_gathers_without_a_group():
     meta = torch.empty(2, 5, 4, device="meta")  # shape checks: the full width, no data
     assert collectives.all_gather_last(meta, collectives.NO_COMM, 2, (4, 3)).shape == (2, 5, 7)
     assert collectives.gather_from_tp(meta, collectives.NO_COMM, 0, 2, (4, 3)).shape == (2, 5, 7)
-    with pytest.raises(ValueError, match=r"rank 1 gathers a piece of width 4, but the widths \[4, 3\] give it 3"):
+    with pytest.raises(ValueError, match=r"rank 1 of 2 gathers a piece of width 4, but the widths \[4, 3\] give it 3"):
         collectives.check_widths((4, 3), 4, 1, 2)
-    with pytest.raises(ValueError, match=r"names 3 widths \[4, 2, 1\] for a 2-rank group"):
+    with pytest.raises(ValueError, match=r"widths \[4, 2, 1\] name 3 ranks"):
         collectives.check_widths((4, 2, 1), 4, 0, 2)
     assert uneven((4, 3)) & 0xFFFFFF == 7 and uneven((4, 3)) != uneven((3, 4))
 

@@ -67,6 +67,11 @@ def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: 
         layer = cls.from_dense(mod.weight, getattr(mod, "bias", None), in_out=e.get("w") == "in_out",
                                rank=rank, tp=tp, group=group, segments=e.ints("seg"), **kw)
         layer.weight = once(mod.weight, layer.weight)
+        held = layer.weight.shape[1 if e.get("w") == "in_out" else 0]
+        if e.style == "colwise" and layer.widths is not None and held != layer.widths[rank]:
+            raise PlanMismatchError(f"plan line {e.line or '?'}: '{path}' colwise split={e.get('split')} gives rank "
+                                    f"{rank} {layer.widths[rank]} outputs, but its weight is shared with a module "
+                                    f"split otherwise, of which this rank holds {held}: give both lines one split=")
         layer.copies = copies
         if e.style == "colwise":
             layer.bias = once(getattr(mod, "bias", None), layer.bias)

@@ -215,45 +215,41 @@ def _gather(x: torch.Tensor, group, widths: tuple[int, ...] | None = None) -> to
     """Eager: into one preallocated output. On gloo, whose all-gather is slower than its all-reduce of
     the same bytes, each rank writes its slice into a zeroed full-width buffer and the ranks all-reduce
     it (exact: every other term is zero). With a shared-memory group (``transports.shm``): copied side by side.
-    ``widths``: the ranks' last-dim sizes when they differ (an uneven split), in rank order."""
+    ``widths``: the ranks' last-dim sizes when they differ (an uneven split), in rank order; where a collective
+    takes equal pieces (compiled, NCCL), each is padded to the widest and the gathered ones trimmed."""
+    n = x.shape[-1]
+    wide = max(widths) if widths is not None else n
     if torch.compiler.is_compiling():
-        if widths is None:
-            return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
-        wide = max(widths)  # funcol gathers equal pieces: each padded to the widest, then trimmed
-        padded = torch.nn.functional.pad(x, (0, wide - x.shape[-1])).contiguous()
-        full = funcol.wait_tensor(funcol.all_gather_single(padded, x.dim() - 1, group))
-        return torch.cat([full.narrow(-1, r * wide, w) for r, w in enumerate(widths)], -1)
-    tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
+        full = funcol.wait_tensor(funcol.all_gather_single(_padded(x, wide), x.dim() - 1, group))
+        return full if widths is None else torch.cat([p[..., :w] for p, w in zip(full.split(wide, -1), widths)], -1)
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
     check_widths(widths, n, rank, tp)
     s = shared_memory_of(group)
     if s is not None and x.device.type == "cpu":
         with _span("autotp::shm_all_gather"):
             return s.gather_last(x.contiguous(), widths)
-    total, off = (sum(widths), sum(widths[:rank])) if widths is not None else (n * tp, rank * n)
     if str(dist.get_backend(group)) == "gloo":
+        total, off = (sum(widths), sum(widths[:rank])) if widths is not None else (n * tp, rank * n)
         shape = (*x.shape[:-1], total)
         full = (_pool(group).empty(shape, x.dtype) if x.device.type == "cpu" else x.new_empty(shape)).zero_()
         full[..., off:off + n] = x
         return _sum(full, group)
-    wide = max(widths) if widths is not None else n  # equal pieces on the wire: padded to the widest, then trimmed
     out = x.new_empty((tp, *x.shape[:-1], wide))
-    dist.all_gather_into_tensor(out, (x if wide == n else torch.nn.functional.pad(x, (0, wide - n))).contiguous(),
-                                group=group)
+    dist.all_gather_into_tensor(out, _padded(x, wide), group=group)
     if widths is None:
         return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
-    return torch.cat([out[r].narrow(-1, 0, w) for r, w in enumerate(widths)], -1)
+    return torch.cat([out[r, ..., :w] for r, w in enumerate(widths)], -1)
+
+
+def _padded(x: torch.Tensor, wide: int) -> torch.Tensor:
+    return (x if x.shape[-1] == wide else torch.nn.functional.pad(x, (0, wide - x.shape[-1]))).contiguous()
 
 
 def check_widths(widths: tuple[int, ...] | None, n: int, rank: int, tp: int) -> None:
     """An uneven gather's ``widths`` name every rank, and this rank's piece is as wide as they say."""
-    if widths is None:
-        return
-    if len(widths) != tp:
-        raise ValueError(f"an all-gather of uneven pieces names {len(widths)} widths {list(widths)} for a "
-                         f"{tp}-rank group")
-    if widths[rank] != n:
-        raise ValueError(f"rank {rank} gathers a piece of width {n}, but the widths {list(widths)} give it "
-                         f"{widths[rank]}")
+    if widths is not None and (len(widths) != tp or widths[rank] != n):
+        raise ValueError(f"rank {rank} of {tp} gathers a piece of width {n}, but the widths {list(widths)} "
+                         + (f"give it {widths[rank]}" if len(widths) == tp else f"name {len(widths)} ranks"))
 
 
 def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> torch.Tensor:
@@ -273,12 +269,9 @@ def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> to
 
 def all_gather_last(x: torch.Tensor, group, tp: int, widths: tuple[int, ...] | None = None) -> torch.Tensor:
     """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order); counted bytes are the gathered size.
-    ``widths``: each rank's last-dim size, in rank order, when they differ (a layer split unevenly); None: all
-    are ``x``'s."""
+    ``widths``: the ranks' sizes of that dim, in rank order, when they differ (a layer split unevenly)."""
     if group is NO_COMM or x.device.type == "meta":  # shape checks: the gathered shape, no data
-        if widths is None:
-            return x.repeat(*([1] * (x.dim() - 1)), tp)
-        return x.new_zeros((*x.shape[:-1], sum(widths)))
+        return x.repeat(*([1] * (x.dim() - 1)), tp) if widths is None else x.new_zeros((*x.shape[:-1], sum(widths)))
     nbytes = x.numel() * x.element_size() * tp if widths is None else \
         x.numel() // x.shape[-1] * sum(widths) * x.element_size()
     if _COUNTING and not torch.compiler.is_compiling():
@@ -396,8 +389,7 @@ def reduce_from_tp(x: torch.Tensor, group, *, owned: bool = False) -> torch.Tens
 
 
 def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int, widths: tuple[int, ...] | None = None) -> torch.Tensor:
-    """All-gather of the last dim forward (``widths``: the ranks' sizes of it when they differ), this rank's slice
-    of the gradient backward."""
+    """:func:`all_gather_last` forward, this rank's slice of the gradient backward."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _GatherFromTP.apply(x, group, rank, tp, widths)
     return all_gather_last(x, group, tp, widths)

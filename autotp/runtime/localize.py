@@ -112,8 +112,8 @@ def _set_sizes(n: fx.Node, sizes: list[Any], packed: bool) -> None:
 def _localize_value(graph: fx.Graph, n: fx.Node, v: Any, share: tuple[int, int], run: "_Run") -> Any:
     num, den = share
     if isinstance(v, int):
-        if v * num % den:
-            raise RewriteError(f"cannot localize {n.format_node()}: size {v} is not divisible into a {num}/{den} share")
+        if num != 1 and v * num % den:  # (an even split's sizes were checked against tp by the planner)
+            raise RewriteError(f"cannot localize {n.format_node()}: {num}/{den} of size {v} is not a whole number")
         return v * num // den
     with graph.inserting_before(n):
         new = graph.call_function(operator.mul, (v, num)) if num != 1 else v
