@@ -16,8 +16,8 @@ correspond to autotp's exactly:
     (no rule)               replicate
 
 Exporting refuses lines transformers would run wrongly ([in, out] weights of GPT-2's Conv1D, ``seg=``
-other than 2 equal parts, ``rep=``, ``patch``, ``localize``, layers planned differently under one key)
-and keeps ``experts`` lines whole with a warning (the same numbers, expert weights not sharded).
+other than 2 equal parts, ``rep=``, uneven ``split=``, ``patch``, ``localize``, layers planned differently
+under one key) and keeps ``experts`` lines whole with a warning (the same numbers, expert weights not sharded).
 Importing maps transformers styles that gather or slice a replicated value (``rowwise_split_input``,
 ``embedding_colwise``, ``colwise_rep``/``rowwise_rep``) to the same numbers without sharding the
 weights, keeps modules whose styles have no autotp counterpart (MoE experts, sequence parallel)
@@ -112,9 +112,16 @@ def _export_style(e: Entry, model: nn.Module | None, problems: list[str], whole:
     cannot reproduce is a problem when keeping the module whole would break it (sizes baked into its
     code), else it goes to ``whole`` (the same numbers, weights not sharded: e.g. MoE experts)."""
     head = f"line {e.line} " if e.line else ""
-    where = f"{head}('{e.path}' {e.style}{''.join(f' {k}={v}' for k, v in e.params if k not in ('in', 'out', 'w', 'group'))})"
+    shown = "".join(f" {k}={v}" for k, v in e.params if k not in ("in", "out", "w", "group"))
+    where = f"{head}('{e.path}' {e.style}{shown})"
     why = None
-    if e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
+    if e.get("split"):
+        units = sum(e.ints("split"))
+        why = (f"it splits its sizes unevenly (split={e.get('split')}: each sharded size cut into {units} units, rank "
+               f"r holding the r-th count of them), and transformers' tensor-parallel styles split every size evenly "
+               f"into tp parts. Fix: plan at a tp that divides its sizes (autotp plan MODEL --tp N), or keep this plan "
+               f"and shard with autotp.parallelize: it has no transformers tp_plan")
+    elif e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
         why = ("its weight is stored [in, out] (GPT-2's Conv1D, x @ W): transformers' colwise/rowwise shard an "
                "nn.Linear's [out, in] weight and need its in_features/out_features")
     elif e.style == "colwise" and int(e.get("rep", "1")) > 1:
