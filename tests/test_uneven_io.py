@@ -100,7 +100,8 @@ def test_load_reads_exactly_this_ranks_ranges(dense_dir):
             got = read_slice(read)
             assert torch.equal(got, s.take(state[name], rank)), (name, rank)
             shapes[name, rank] = list(got.shape)
-    assert shapes["model.embed_tokens.weight", 0] == [4, HIDDEN] and shapes["model.embed_tokens.weight", 1] == [3, HIDDEN]
+    assert shapes["model.embed_tokens.weight", 0] == [4, HIDDEN]
+    assert shapes["model.embed_tokens.weight", 1] == [3, HIDDEN]
     assert shapes["model.layers.1.mlp.up_proj.weight", 0] == [64, HIDDEN]
     assert shapes["model.layers.1.mlp.up_proj.weight", 1] == [32, HIDDEN]
     assert shapes["model.layers.1.mlp.down_proj.weight", 1] == [HIDDEN, 32]
