@@ -53,15 +53,18 @@ CASES = ["nanogpt", "llama_gqa", "llama_kv2", "einsum", "mlp", "alibi", "alibi_m
          "heads_last", "trap_gate", "root_heads", "scale_from_size"]
 
 
-def _held_fraction(e, leaf: str, tp: int) -> tuple[int, int]:
+def _held_fraction(e, leaf: str, tp: int, rank: int = 0) -> tuple[int, int]:
     """(numerator, denominator) of a parameter's elements a rank holds, read from its plan line's text alone:
     colwise weights and biases, rowwise weights, vocab tables and the named expert weights are divided among
-    tp / rep blocks; everything else is held whole."""
+    tp / rep blocks (``split=``: rank r holds split[r] of sum(split) units); everything else is held whole."""
     if e is None:
         return 1, 1
     named = (e.get("col") or "").split(",") + (e.get("row") or "").split(",")
     sharded = (e.style == "colwise" and leaf in ("weight", "bias") or e.style in ("rowwise", "vocab") and leaf == "weight"
                or e.style == "experts" and leaf in named)
+    if sharded and e.get("split"):
+        split = [int(x) for x in e.get("split").split(",")]
+        return split[rank], sum(split)
     return (int(e.get("rep", "1")), tp) if sharded else (1, 1)
 
 
@@ -182,7 +185,7 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
     total = sum(p.numel() for p in dense.parameters())
     ideal = 0  # from the dense shapes and the plan text: what each rank should hold
     for n, p in dense.named_parameters():
-        num, den = _held_fraction(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
+        num, den = _held_fraction(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world, rank)
         ideal += p.numel() * num // den
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output

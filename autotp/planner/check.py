@@ -23,7 +23,7 @@ from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.propagate import Propagation, producers
 from autotp.planner.sites import Lookup, Site, experts_boundary, find_lookups, find_sites, op_name, partial_grads
 from autotp.planner.slicing import inside
-from autotp.split import split_of
+from autotp.split import parts_of, split_of
 
 
 def check_graph(c: Captured, plan: Plan, resolved: dict[str, Entry], slices: dict[str, Entry]) -> tuple[Analysis, list[str]]:
@@ -190,7 +190,7 @@ class _Checker:
         if s.experts:
             self.experts.add(s.module)
         self.origin[s.node] = {s.module}
-        return self.g.seed(s, int(e.get("rep", "1")))
+        return self.g.seed(s, int(e.get("rep", "1")), parts_of(e))
 
     def _leaves_experts(self, n: fx.Node) -> bool:
         """A sharded value of an experts module used outside it: its shards must stay inside until the down
@@ -212,6 +212,12 @@ class _Checker:
         elif s.tied:
             self.add(f"{_which(e, s.module)}: its weight is also an embedding table, which can only be sharded by "
                      f"rows: make it colwise or replicate")
+        elif lay.parts != parts_of(e) and lay.dim == len(self.c.shape(s.x)) - 1:
+            said = lambda p: f"split={','.join(map(str, p))}" if p else "an even split"  # noqa: E731
+            self.add(f"{_which(e, s.module)}: its input from {self._from(s.x)} is divided among ranks by "
+                     f"{said(lay.parts)}, the line says {said(parts_of(e))}: each rank would multiply other "
+                     f"features than it holds. Fix: give every line of the group the same split= "
+                     f"({said(lay.parts)})")
         elif lay.dim != len(self.c.shape(s.x)) - 1 or lay.rep != 1 or lay.spread is not None:
             held = ", heads held by several ranks" if lay.rep > 1 else ""
             self.add(f"{_which(e, s.module)}: its input from {self._from(s.x)} is not sharded along its features "

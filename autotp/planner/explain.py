@@ -4,6 +4,7 @@ Pure text from the captured graph; shared by the planner and the plan checker (`
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch.fx as fx
@@ -36,12 +37,16 @@ def where(c: Captured, n: fx.Node) -> str:
 
 
 def indivisible_error(fails: list, tp: int) -> ShardingError:
-    """The error for groups whose sizes ``tp`` does not divide: the sizes, and the tp values that do."""
+    """The error for groups whose sizes ``tp`` cannot split, evenly or in whole units: the sizes, and the tp values
+    that work for every one of them (a split into U whole units works for tp <= U, U dividing every size)."""
     sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
-    ok = [t for t in range(1, max(sizes) + 1) if all(s % t == 0 for s in sizes)]
+    most = math.gcd(*sizes)
+    even = [t for t in range(2, most + 1) if most % t == 0]
     cols, e = fails[0]
     mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
     return ShardingError(
-        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}. "
-        f"tp values that divide them: {ok}. Fix: use one of those tp values, or edit the plan to "
-        f"replicate these modules.")
+        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}: no split into whole "
+        f"units gives each of {tp} ranks a part (their largest common unit count is {most}). tp values that work: "
+        f"1 to {most}" + (f" (evenly: {even})" if even else "") + ". Fix: use one of those tp values, or "
+        f"parallelize(..., strict=False) / 'autotp plan ... --no-strict' to keep these modules whole, with the "
+        f"reason in the plan.")

@@ -8,6 +8,8 @@ rule that says "no" demotes the group to replicate, with the reason recorded.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -20,6 +22,7 @@ from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.propagate import Propagation, at_node, producers
 from autotp.planner.sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
 from autotp.planner.slicing import entering
+from autotp.split import balanced
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Analysis:
     modules: tuple[str, ...] = ()  # every module path of the model: globs in the plan name no others
     lookups: list[Lookup] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
+    const_parts: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)  # shape constants of uneven groups
 
 
 def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
@@ -50,7 +54,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             s.blocker = blocked[s.module]
     lookups = find_lookups(c, sites)
     for lk in lookups:  # a tied head may shard its table only if every lookup of it can
-        if lk.tied is not None and (lk.blocker or lk.rows % tp):
+        if lk.tied is not None and (lk.blocker or lk.rows < tp):
             lk.tied.blocker = lk.tied.blocker or f"its weight is the table of '{lk.module}', which stays replicated"
     roles: dict[fx.Node, str] = {}
     reasons: dict[fx.Node, str] = {}
@@ -62,6 +66,8 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
     indivisible: list[tuple[list[Site], NoRule]] = []
     all_reps: dict[str, int] = {}
     entered: dict[fx.Node, list[tuple[str, Shard]]] = {}  # committed Entering slices, as the grower reads them
+    uneven: dict[fx.Node, tuple[tuple[int, ...], str]] = {}  # a group's first column -> (its split, why uneven)
+    split_of_node: dict[fx.Node, tuple[tuple[int, ...], str]] = {}  # every layer of an uneven group -> the same
     slices: dict[str, Entry] = {}
     for s in sorted(sites.values(), key=lambda s: c.order[s.node]):
         if s.node in roles:
@@ -71,44 +77,21 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             continue
         if committed.get(s.x) is not None or tp == 1:
             continue
-        cols, err, reps, new = [s], None, {}, []
-        while True:
-            g = Propagation(c, sites, committed, roles, tp, reps, entered, new)
-            try:
-                bad = [x for x in cols if x.out_features % (tp // reps.get(x.node.name, 1))]
-                if bad:
-                    b = bad[0]
-                    small = b.out_features < tp  # a gate of width 1 is replicated, not an error
-                    raise at_node(b.node, NoRule(f"out features {b.out_features} of '{b.module}' "
-                                             f"{'smaller than' if small else 'not divisible by'} tp={tp}",
-                                             sizes=() if small else (b.out_features,)))
-                rows = g.grow(cols)
-            except Need as e:
-                more = _pullable(c, sites, e.value, cols, roles, committed)
-                if more:
-                    cols += more
-                    continue
-                ent = entering(c, e.value, e.layout, e.node, tp)
-                if ent is not None and ent not in new:
-                    new.append(ent)
-                    continue
-                err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
-                             f"{op_name(e.node)}, and no column projection produces it")
-                err.node = e.node
-            except Rep as e:
-                if e.root not in reps:
-                    reps[e.root] = e.rep
-                    continue
-                err = NoRule(f"{e.root} needs {e.rep} ranks per head twice")
-            except NoRule as e:
-                err = e
-            break
+        g, cols, rows, err, reps, new = _grow(c, sites, committed, roles, tp, entered, s, None)
+        if err is not None and err.sizes and not _gathers(c, s, cols, sites, tp) \
+                and _structural_failure(c, sites, committed, roles, entered, cols, new) is None:
+            found = _uneven(c, sites, committed, roles, tp, entered, s, err)  # whole units, split unevenly
+            if found is not None:
+                uneven[s.node] = (found[0], getattr(err, "cause", None) or uneven_cause(c, err))
+                g, cols, rows, err, reps, new = found[1]
         if err is None and not rows:
             err = NoRule("no row projection closes the group")
             err.node = cols[0].node
         if err is not None and _gathers(c, s, cols, sites, tp):
             roles[s.node], reasons[s.node] = "gather", ("a widening head (vocabulary logits) feeding the model's "
                                                         "output: its features sharded, all-gathered after it")
+            if s.out_features % tp:
+                split_of_node[s.node] = (balanced(s.out_features, tp), f"its {s.out_features} output features")
             continue
         if err is not None and err.sizes:  # tp does not divide a size: an error only if the group could close
             structural = _structural_failure(c, sites, committed, roles, entered, cols, new)
@@ -121,6 +104,10 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
                 roles[x.node], reasons[x.node] = "replicate", f"sharding it would fail: {why}"
             continue
         committed.update(g.tent)
+        if s.node in uneven:
+            for x in cols + rows:
+                split_of_node[x.node] = uneven[s.node]
+            analysis.const_parts.update(g.const_parts)
         for ent in new:
             entered.setdefault(ent.node, []).append((ent.module, ent.layout))
             slices.setdefault(f"{ent.module}:{ent.arg}", ent.entry())
@@ -168,14 +155,22 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             reason += f"; {tp // r} heads for {tp} ranks: each head on {r} ranks, its gradient summed among them"
         if style in ("colwise", "rowwise") and s.node in group_of:
             params.append(("group", group_of[s.node]))
+        if style in ("colwise", "rowwise") and s.node in split_of_node:
+            parts, why = split_of_node[s.node]
+            params.append(("split", ",".join(map(str, parts))))
+            reason += f"; split unevenly: tp={tp} does not divide {why}, so {sum(parts)} whole units are held " \
+                      f"{','.join(map(str, parts))} by the ranks"
         entries.append(Entry(s.module, style, tuple(params), reason))
     for lk in lookups:
         if lk.module not in seen and (lk.from_input or lk.tied):
             seen.add(lk.module)
             why = vocab[lk.node]
+            uneven_rows = why is None and lk.rows % tp
             entries.append(Entry(lk.module, "vocab" if why is None else "replicate",
-                                 (("rows", str(lk.rows)), ("dim", str(lk.dim))),
-                                 why or "rows (vocabulary) sharded; each rank looks up its ids, one all-reduce"))
+                                 (("rows", str(lk.rows)), ("dim", str(lk.dim)))
+                                 + ((("split", ",".join(map(str, balanced(lk.rows, tp)))),) if uneven_rows else ()),
+                                 why or "rows (vocabulary) sharded; each rank looks up its ids, one all-reduce"
+                                 + (f"; {lk.rows} rows split unevenly" if uneven_rows else "")))
     entries += slices.values()
     for module, names in partial.items():
         entries.append(Entry(module, "sum_grad", (("p", ",".join(names)),),
@@ -188,6 +183,82 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
     analysis.modules = tuple(modules or ())
     analysis.plan = Plan(tp, tuple(compress(entries, modules)), model, summary)
     return analysis
+
+
+def _grow(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, entered: dict, s: Site,
+          parts: tuple[int, ...] | None):
+    """Grow the group that ``s`` opens (evenly, or split into ``parts`` units per rank): the propagation, its
+    columns and rows, the failure (or None), the heads held by several ranks, the arguments sliced on entry."""
+    cols, err, reps, new, rows = [s], None, {}, [], []
+    units = sum(parts) if parts else tp
+    while True:
+        g = Propagation(c, sites, committed, roles, tp, reps, entered, new, parts)
+        try:
+            bad = [x for x in cols if x.out_features % (units // reps.get(x.node.name, 1))]
+            if bad:
+                b = bad[0]
+                small = b.out_features < units  # a gate of width 1 is replicated, not an error
+                e = NoRule(f"out features {b.out_features} of '{b.module}' "
+                           f"{'smaller than' if small else 'not divisible by'} "
+                           + (f"tp={tp}" if parts is None else f"{units} units"), sizes=() if small else (b.out_features,))
+                e.cause = f"the {b.out_features} output features of '{glob_of(b.module)}'"
+                raise at_node(b.node, e)
+            rows = g.grow(cols)
+        except Need as e:
+            more = _pullable(c, sites, e.value, cols, roles, committed)
+            if more:
+                cols += more
+                continue
+            ent = entering(c, e.value, e.layout, e.node, tp) if parts is None else None
+            if ent is not None and ent not in new:
+                new.append(ent)
+                continue
+            err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
+                         f"{op_name(e.node)}, and no column projection produces it")
+            err.node = e.node
+        except Rep as e:
+            if e.root not in reps:
+                reps[e.root] = e.rep
+                continue
+            err = NoRule(f"{e.root} needs {e.rep} ranks per head twice")
+        except NoRule as e:
+            err = e
+        break
+    return g, cols, rows, err, reps, new
+
+
+def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, entered: dict, s: Site,
+            err: NoRule, tries: int = 6):
+    """The group of ``s`` failed because tp does not divide a size: grow it again with every sharded size cut into
+    U whole units (heads, KV groups, blocks of features), rank r holding ``balanced(U, tp)[r]`` of them. U divides
+    every size that failed so far (9 query heads, then a 192-feature KV projection: U divides 3) and is at least tp.
+    (split, what _grow returned) for the first that closes, else None."""
+    need, tried = err.sizes[0], set()
+    for _ in range(tries):
+        u = next((u for u in _unit_counts(need, tp) if u not in tried), None)
+        if u is None:
+            return None
+        tried.add(u)
+        got = _grow(c, sites, committed, roles, tp, entered, s, balanced(u, tp))
+        if got[3] is None and got[2]:
+            return balanced(u, tp), got
+        if got[3] is not None and got[3].sizes:
+            need = math.gcd(need, got[3].sizes[0])
+            err.sizes = tuple(dict.fromkeys(err.sizes + got[3].sizes))  # for the error, if nothing works
+    return None
+
+
+def _unit_counts(size: int, tp: int) -> list[int]:
+    """Unit counts U for a size tp does not divide: U divides it and U > tp, preferring units of a multiple of 64
+    features, then of 8 (kernels stay fast), then the most units (the most even split: 9 heads at tp=2 -> 5,4)."""
+    divs = [u for u in range(tp + 1, size + 1) if size % u == 0 and u % tp]
+    return sorted(divs, key=lambda u: (0 if (size // u) % 64 == 0 else 1 if (size // u) % 8 == 0 else 2, -u))
+
+
+def uneven_cause(c: Captured, err: NoRule) -> str:
+    """The size tp does not divide and where it is: "9 (dim 2 of reshape (2, 8, 9, 8) at aten.view in 'h.*.attn')"."""
+    why = describe(c, err).split(" is not divisible")[0]
+    return f"{err.sizes[0]} ({re.sub(r' of size [0-9]+', '', why)[:160]})"
 
 
 def _pullable(c: Captured, sites: dict, value: fx.Node, cols: list[Site], roles: dict, committed: dict) -> list[Site]:
@@ -249,8 +320,8 @@ def _experts_entry(s: Site, sites: dict, roles: dict, reasons: dict, segments: d
 def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
     """A lone column projection that could not be closed, whose output flows to the model's output
     without meeting another projection (an LM head): all-gather its output rather than replicate it,
-    when it widens (vocabulary-sized) and tp divides it."""
-    if cols != [s] or s.blocker is not None or s.experts or s.out_features <= s.in_features or s.out_features % tp:
+    when it widens (vocabulary-sized); a width tp does not divide is split unevenly, by whole features."""
+    if cols != [s] or s.blocker is not None or s.experts or s.out_features <= s.in_features or s.out_features < tp:
         return False
     stack, seen = list(s.node.users), set()
     while stack:
@@ -274,6 +345,6 @@ def _vocab_reason(lk: Lookup, roles: dict, tp: int) -> str | None:
         return f"its table is tied to '{lk.tied.module}', which is replicated"
     if not lk.from_input and lk.tied is None:
         return "its ids are computed (positions), not read from the model's inputs"
-    if lk.rows % tp:
-        return f"{lk.rows} rows are not divisible by tp={tp}"
+    if lk.rows < tp:
+        return f"{lk.rows} rows are fewer than tp={tp} ranks"
     return None

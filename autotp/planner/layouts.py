@@ -30,9 +30,15 @@ class Shard:
     # ``dim`` merges leading dims of this total size with the sharded one (Bloom's batch * heads): it is
     # (outer, sharded) in row-major order, and each rank holds its block of the sharded part for every outer index
     outer: int | None = None
+    # an uneven split (``split=`` on the group's lines): ``dim`` is cut into ``sum(parts)`` whole units and rank r
+    # holds ``parts[r]`` of them; the rules see ``ctx.tp == sum(parts)`` for values of such a group
+    parts: tuple[int, ...] | None = None
 
-    def local(self, shape: tuple[int, ...] | list[int], tp: int) -> list[int]:
+    def local(self, shape: tuple[int, ...] | list[int], tp: int, rank: int = 0) -> list[int]:
         s = list(shape)
+        if self.parts is not None:
+            s[self.dim] = s[self.dim] * self.parts[rank] // sum(self.parts)
+            return s
         s[self.dim] = s[self.dim] * self.rep // tp
         if self.spread is not None:
             s[self.spread] //= self.rep

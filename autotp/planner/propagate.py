@@ -7,13 +7,14 @@ through it; both read the same layouts, fused segments and sizes baked into resh
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
 from typing import Any
 
 import torch.fx as fx
 
 from autotp.capture.export import Captured
 from autotp.planner.grads import activation_grads
-from autotp.planner.layouts import Need, NoRule, Shard
+from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.rules import rule_for
 from autotp.planner.sites import Site, experts_boundary, op_name
 from autotp.planner.slicing import inside
@@ -29,8 +30,14 @@ class Propagation:
     """
 
     def __init__(self, c: Captured, sites: dict[fx.Node, Site], committed: dict, roles: dict, tp: int,
-                 reps: dict[str, int] | None = None, entering: dict | None = None, new: list | None = None):
-        self.c, self.sites, self.committed, self.roles, self.tp = c, sites, committed, roles, tp
+                 reps: dict[str, int] | None = None, entering: dict | None = None, new: list | None = None,
+                 parts: tuple[int, ...] | None = None):
+        self.c, self.sites, self.committed, self.roles, self.base_tp = c, sites, committed, roles, tp
+        # an uneven group (``parts``: units per rank): its values are cut into sum(parts) units, and the rules,
+        # which read ``tp``, check every size against that count while they run on its values
+        self.parts = parts
+        self.tp = sum(parts) if parts else tp
+        self.const_parts: dict[fx.Node, tuple[int, ...]] = {}  # shape constants of uneven groups -> their split
         self.reps = reps or {}
         # replicated values each rank slices as they enter a module: node -> [(module, layout inside it)]
         self.entering: dict[fx.Node, list[tuple[str, Shard]]] = {k: list(v) for k, v in (entering or {}).items()}
@@ -42,6 +49,7 @@ class Propagation:
         self.segs: dict[str, list[int]] = {}
         self.cuts: dict[str, list[tuple[list[int], bool, fx.Node]]] = {}
         self.consts: list[tuple[fx.Node, int, int, int]] = []
+        self.seeded: dict[str, Shard] = {}  # column node name -> its output's layout
 
     # --- the Ctx the rules see
     def layout(self, n: Any):
@@ -76,30 +84,69 @@ class Propagation:
                 if not whole and bounds.index(bs[2]) - bounds.index(bs[1]) != 1:
                     raise at_node(node, NoRule(f"{node.name} slices [{bs[1]}:{bs[2]}] of a fused projection cut at "
                                            f"{bounds}: not one whole piece"))
-            bad = [x for x in sizes if x % self.tp]
+            units = self.units(self.seeded.get(root))
+            bad = [x for x in sizes if x % units]
             if bad:
-                raise at_node(uses[0][2], NoRule(f"fused segment of size {bad[0]} not divisible by tp={self.tp}",
-                                             sizes=(bad[0],)))
+                raise at_node(uses[0][2], NoRule(f"fused segment of size {bad[0]} not divisible by "
+                                                 f"{'tp=' if units == self.base_tp else ''}{units}"
+                                                 f"{'' if units == self.base_tp else ' units'}", sizes=(bad[0],)))
             self.segs[root] = sizes
 
     def shape_const(self, node: fx.Node, pos: int, global_: int, local: int) -> None:
+        """A size baked in at ``node``; ``local`` is rank 0's (for an uneven split, the rules computed one
+        unit's: scaled here to rank 0's units)."""
+        parts = self._now
+        if parts is not None:
+            local *= parts[0]
+            self.const_parts[node] = parts
         self.consts.append((node, pos, global_, local))
 
+    _now: tuple[int, ...] | None = None  # the split of the values the running rule reads
+
+    def units(self, lay: Shard | None) -> int:
+        """How many pieces a value of layout ``lay`` is cut into: its split's units, else tp."""
+        return sum(lay.parts) if lay is not None and lay.parts else self.base_tp
+
     # --- propagation
-    def seed(self, s: Site, rep: int = 1) -> Shard:
-        """The layout of a column projection's output: sharded along its features."""
-        lay = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name, rep=rep)
-        self.tent[s.node] = lay
+    def seed(self, s: Site, rep: int = 1, parts: tuple[int, ...] | None = None) -> Shard:
+        """The layout of a column projection's output: sharded along its features (``parts``: unevenly)."""
+        lay = Shard(len(self.c.shape(s.node)) - 1, root=s.node.name, rep=rep, parts=parts or self.parts)
+        self.tent[s.node] = self.seeded[s.node.name] = lay
         return lay
 
     def apply(self, n: fx.Node) -> Any:
-        """``n``'s output layout from its rule; raises NoRule (no rule, or the rule refuses), Need or Rep."""
+        """``n``'s output layout from its rule; raises NoRule (no rule, or the rule refuses), Need or Rep.
+
+        The rule sees ``tp`` as the unit count of the split its sharded inputs carry (the group's), and its
+        output carries that split on."""
         rule = rule_for(n.target)
         if rule is None:
             raise NoRule(f"no sharding rule for {op_name(n)} (at {n.name}); the value must be replicated")
-        out = rule(self, n)
+        ins: list = []
+        fx.node.map_arg((n.args, n.kwargs), ins.append)
+        lays = [x for lay in map(self.layout, ins) for x in (lay if isinstance(lay, list) else [lay])]
+        splits = {lay.parts for lay in lays if lay is not None}
+        if len(splits) > 1:
+            raise NoRule(f"{n.name} ({n.target}) combines values split among ranks in different ways "
+                         f"({' and '.join(','.join(map(str, p)) if p else 'evenly' for p in splits)})")
+        parts = next(iter(splits), None)
+        saved = self.tp, self._now
+        self.tp, self._now = (sum(parts) if parts else self.base_tp), parts
+        try:
+            out = rule(self, n)
+        except Need as e:
+            e.layout = replace(e.layout, parts=parts)
+            raise
+        except Rep:
+            if parts is not None:
+                raise NoRule(f"{n.name} ({n.target}): fewer heads than ranks in a group that is split unevenly")
+            raise
+        finally:
+            self.tp, self._now = saved
         if out is not None:
             self._whole_gradients(n)
+            out = [replace(o, parts=parts) if o is not None else o for o in out] if isinstance(out, list) \
+                else replace(out, parts=parts)
         return out
 
     def _whole_gradients(self, n: fx.Node) -> None:
@@ -174,7 +221,7 @@ class Propagation:
     def _closes(self, s: Site) -> bool:
         lay = self.layout(s.x)
         return (lay is not None and lay.dim == len(self.c.shape(s.x)) - 1 and lay.rep == 1 and s.blocker is None
-                and not s.tied and s.node not in self.roles and s.in_features % self.tp == 0)
+                and not s.tied and s.node not in self.roles and s.in_features % self.units(lay) == 0)
 
 
 def at_node(n: fx.Node, e: Exception) -> Exception:

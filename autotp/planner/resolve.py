@@ -13,6 +13,7 @@ import torch.nn as nn
 from autotp.capture.export import positional_names
 from autotp.errors import PlanMismatchError, ShardingError
 from autotp.plan import Entry, Plan
+from autotp.split import balanced
 
 
 def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
@@ -21,6 +22,7 @@ def resolve(model: nn.Module, plan: Plan) -> dict[str, Entry]:
     resolved = plan.resolve(modules.keys(), type(model).__name__)
     resolve_slices(model, plan)
     for path, e in resolved.items():
+        _check_split(path, e, plan.tp)
         if e.style in ("colwise", "rowwise") and e.get("w") or e.style == "replicate" and e.get("w") and \
                 _weight_2d(modules[path]):  # a replicate line of a module without one changes nothing to check
             _check_shapes(path, modules[path], e, plan.tp)
@@ -56,7 +58,16 @@ def _check_patch(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
                                     f"({type(mod).__name__}) has no integer attribute '{k}' of its own or of an "
                                     f"object it holds (patchable: {sorted(ints)[:8]}); a patch sets a size the "
                                     f"module's code computes with, nothing else. Fix or drop the line")
-        old, new = ints[k], int(v)
+        old = ints[k]
+        if "," in v:  # one value per rank: this rank's part of a size split unevenly
+            vals = [int(x) for x in v.split(",")]
+            if len(vals) != tp or min(vals) < 1 or sum(vals) != old:
+                raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' "
+                                        f"has {k}={old}; a per-rank patch gives each of the tp={tp} ranks its part "
+                                        f"of it, {len(vals)} values adding up to {sum(vals)} is not that. Fix or "
+                                        f"drop the line (autotp.make_plan writes the patches a model needs)")
+            continue
+        new = int(v)
         if not (0 < new < old and old % new == 0 and tp % (old // new) == 0):
             raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' has "
                                     f"{k}={old}; a patch only sets a size to this rank's part of it ({old} divided "
@@ -112,10 +123,10 @@ def _check_table(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
                                 f"({type(mod).__name__}) has no 'weight' table of shape {want} (found "
                                 f"{list(getattr(w, 'shape', [])) or None}). The plan was made for another model; "
                                 f"regenerate it with autotp.make_plan.")
-    if e.style == "vocab" and want[0] % tp:
-        ok = [t for t in range(1, want[0] + 1) if want[0] % t == 0]
-        raise ShardingError(f"module '{path}': {want[0]} rows are not divisible by tp={tp}; tp values that work: "
-                            f"{ok[:12]}; or make the line 'replicate'")
+    if e.style == "vocab" and want[0] % _units(e, tp):
+        raise ShardingError(f"module '{path}': {want[0]} rows are not divisible by {_by(e, tp)}; write "
+                            f"split={','.join(map(str, balanced(want[0], tp)))} (rows per rank), or make the line "
+                            f"'replicate'")
 
 
 def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
@@ -140,13 +151,41 @@ def _check_shapes(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
                                 f"rep=; drop one of them")
     if tp % r:
         raise ShardingError(f"module '{path}': rep={r} does not divide tp={tp}")
-    if e.style == "colwise" and any(s % (tp // r) for s in seg):
+    if r > 1 and e.get("split"):
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}'): rep= and split= cannot be combined; "
+                                f"drop one of them")
+    units = _units(e, tp) // r
+    if e.style == "colwise" and any(s % units for s in seg):
         ok = [t for t in range(1, max(seg) + 1) if all(s % t == 0 for s in seg)]
-        raise ShardingError(f"module '{path}': colwise output sizes {seg} are not divisible by tp={tp}; "
-                            f"tp values that work: {ok}")
-    if e.style == "rowwise" and i % tp:
+        raise ShardingError(f"module '{path}': colwise output sizes {seg} are not divisible by {_by(e, tp)}; "
+                            f"tp values that divide them: {ok[:12]}" + ("" if e.get("split") else
+                            "; or split them unevenly (autotp.make_plan writes split= where whole units allow it)"))
+    if e.style == "rowwise" and i % units:
         ok = [t for t in range(1, i + 1) if i % t == 0]
-        raise ShardingError(f"module '{path}': rowwise input features {i} not divisible by tp={tp}; "
-                            f"tp values that work: {ok}")
+        raise ShardingError(f"module '{path}': rowwise input features {i} not divisible by {_by(e, tp)}; "
+                            f"tp values that divide them: {ok[:12]}")
+
+
+def _units(e: Entry, tp: int) -> int:
+    """How many pieces the line cuts its sizes into: its split's units, else tp."""
+    p = e.ints("split")
+    return sum(p) if p else tp
+
+
+def _by(e: Entry, tp: int) -> str:
+    p = e.ints("split")
+    return f"the {sum(p)} units of split={e.get('split')}" if p else f"tp={tp}"
+
+
+def _check_split(path: str, e: Entry, tp: int) -> None:
+    """A split names one count of units per rank (every rank holds at least one)."""
+    p = e.ints("split")
+    if p and len(p) != tp:
+        raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' {e.style} split={e.get('split')}): module "
+                                f"'{path}': the split names {len(p)} ranks, the plan is for tp={tp}. Fix: one count "
+                                f"of units per rank (autotp.make_plan writes it), e.g. "
+                                f"split={','.join(map(str, balanced(sum(p), tp)))}" if sum(p) >= tp else
+                                f"plan line {e.line or '?'} ('{e.path}'): split={e.get('split')} has {len(p)} "
+                                f"entries, the plan is for tp={tp}")
 
 

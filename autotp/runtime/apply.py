@@ -18,6 +18,7 @@ from autotp.runtime import collectives
 from autotp.runtime.collectives import CopyCache
 from autotp.runtime.layers import ColumnParallelLinear, ExpertsShard, InputSlice, RowParallelLinear, VocabShard
 from autotp.runtime.localize import install, trace_localized
+from autotp.split import parts_of
 
 log = logging.getLogger(__name__)
 _LAYERS = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear}
@@ -54,14 +55,15 @@ def swap_layers(model: nn.Module, resolved: dict[str, Entry], *, rank: int, tp: 
             continue
         if e.style == "vocab":
             dense = mod.weight
-            VocabShard(mod, rank=rank, tp=tp, group=group, weight=tied.get(id(dense), (None, None))[1])
+            VocabShard(mod, rank=rank, tp=tp, group=group, weight=tied.get(id(dense), (None, None))[1],
+                       parts=parts_of(e))
             once(dense, mod.weight)
             swapped.append(path)
             continue
         cls = _LAYERS.get(e.style)
         if cls is None:
             continue
-        kw = {"rep": int(e.get("rep"))} if e.get("rep") else {}
+        kw = ({"rep": int(e.get("rep"))} if e.get("rep") else {}) | ({"parts": parts_of(e)} if parts_of(e) else {})
         layer = cls.from_dense(mod.weight, getattr(mod, "bias", None), in_out=e.get("w") == "in_out",
                                rank=rank, tp=tp, group=group, segments=e.ints("seg"), **kw)
         layer.weight = once(mod.weight, layer.weight)
@@ -100,13 +102,19 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def apply_patches(model: nn.Module, resolved: dict[str, Entry]) -> None:
-    """Set the integer attributes named by ``patch`` lines (checked to exist and be integers)."""
+def apply_patches(model: nn.Module, resolved: dict[str, Entry], *, rank: int = 0, tp: int = 1) -> None:
+    """Set the integer attributes named by ``patch`` lines (checked to exist and be integers). A per-rank value
+    (``n_head=6,3``: one number per rank, for an uneven split) sets this ``rank``'s number."""
     for path, e in resolved.items():
         if e.style != "patch":
             continue
         mod = model.get_submodule(path)
         for k, v in e.params:
+            values = [int(x) for x in v.split(",")]
+            if len(values) > 1 and len(values) != tp:
+                raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}): patch "
+                                        f"{k}={v} gives {len(values)} values, one per rank, but tp={tp}; give one "
+                                        f"value, or {tp}")
             *holders, leaf = k.split(".")
             obj = mod
             for h in holders:  # an object the module holds (its config): this module gets its own copy
@@ -123,7 +131,7 @@ def apply_patches(model: nn.Module, resolved: dict[str, Entry]) -> None:
             if type(old) is not int:
                 raise PlanMismatchError(f"plan line {e.line or '?'}: module '{path}' ({type(mod).__name__}) has no "
                                         f"integer attribute '{k}' to patch (found {old!r}); fix or drop the line")
-            setattr(obj, leaf, int(v))
+            setattr(obj, leaf, values[rank] if len(values) > 1 else values[0])
 
 
 def sum_grads(model: nn.Module, resolved: dict[str, Entry], group: Any) -> None:
@@ -156,18 +164,18 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
         inputs = _module_inputs(dense, local_paths, example_inputs)
     swap_layers(model, resolved, rank=rank, tp=tp, group=group)
     slice_inputs(model, plan, rank=rank, tp=tp, group=group)
-    apply_patches(model, resolved)
+    apply_patches(model, resolved, rank=rank, tp=tp)
     sum_grads(model, resolved, group)
     for p in local_paths:
         mod = model.get_submodule(p)
-        local = meta_copy(mod)
+        local, share = meta_copy(mod), share_of(resolved[p], rank, tp)
         graphs = {}
         for mode in (True, False):
             was = mod.training
             for x in (mod, local, dense.get_submodule(p)):
                 x.train(mode)
             try:
-                graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], tp)
+                graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], share)
             except Exception as e:  # noqa: BLE001 - named by module, for the plan check to replicate its groups
                 err = e if isinstance(e, RewriteError) else RewriteError(
                     f"module '{p}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
@@ -181,6 +189,18 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
     if group is not collectives.NO_COMM:  # its root forwards numbered: how the transport tells ranks out of step
         model.register_forward_pre_hook(collectives.epoch_of(group))
     return model
+
+
+def share_of(e: Entry, rank: int, tp: int) -> tuple[int, int]:
+    """This rank's share of a localized module's sharded sizes, as (numerator, denominator): ``parts[rank]`` of
+    ``sum(parts)`` for a line with ``split=``, else 1 of ``tp``."""
+    parts = parts_of(e)
+    if parts is None:
+        return 1, tp
+    if len(parts) != tp:
+        raise PlanMismatchError(f"plan line {e.line or '?'}: '{e.path}' localize split={','.join(map(str, parts))} "
+                                f"names {len(parts)} ranks, but tp={tp}")
+    return parts[rank], sum(parts)
 
 
 def _module_inputs(dense_meta: nn.Module, paths: list[str], example_inputs: Any) -> dict[str, tuple]:

@@ -211,25 +211,49 @@ def _sum(y: torch.Tensor, group) -> torch.Tensor:
         return s(y)
 
 
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
+def _gather(x: torch.Tensor, group, widths: tuple[int, ...] | None = None) -> torch.Tensor:
     """Eager: into one preallocated output. On gloo, whose all-gather is slower than its all-reduce of
     the same bytes, each rank writes its slice into a zeroed full-width buffer and the ranks all-reduce
-    it (exact: every other term is zero). With a shared-memory group (``transports.shm``): copied side by side."""
+    it (exact: every other term is zero). With a shared-memory group (``transports.shm``): copied side by side.
+    ``widths``: the ranks' last-dim sizes when they differ (an uneven split), in rank order."""
     if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+        if widths is None:
+            return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), x.dim() - 1, group))
+        wide = max(widths)  # funcol gathers equal pieces: each padded to the widest, then trimmed
+        padded = torch.nn.functional.pad(x, (0, wide - x.shape[-1])).contiguous()
+        full = funcol.wait_tensor(funcol.all_gather_single(padded, x.dim() - 1, group))
+        return torch.cat([full.narrow(-1, r * wide, w) for r, w in enumerate(widths)], -1)
     tp, rank, n = dist.get_world_size(group), dist.get_rank(group), x.shape[-1]
+    check_widths(widths, n, rank, tp)
     s = shared_memory_of(group)
     if s is not None and x.device.type == "cpu":
         with _span("autotp::shm_all_gather"):
-            return s.gather_last(x.contiguous())
+            return s.gather_last(x.contiguous(), widths)
+    total, off = (sum(widths), sum(widths[:rank])) if widths is not None else (n * tp, rank * n)
     if str(dist.get_backend(group)) == "gloo":
-        shape = (*x.shape[:-1], n * tp)
+        shape = (*x.shape[:-1], total)
         full = (_pool(group).empty(shape, x.dtype) if x.device.type == "cpu" else x.new_empty(shape)).zero_()
-        full[..., rank * n:(rank + 1) * n] = x
+        full[..., off:off + n] = x
         return _sum(full, group)
-    out = x.new_empty((tp, *x.shape))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
+    wide = max(widths) if widths is not None else n  # equal pieces on the wire: padded to the widest, then trimmed
+    out = x.new_empty((tp, *x.shape[:-1], wide))
+    dist.all_gather_into_tensor(out, (x if wide == n else torch.nn.functional.pad(x, (0, wide - n))).contiguous(),
+                                group=group)
+    if widths is None:
+        return out.movedim(0, -2).reshape(*x.shape[:-1], n * tp)  # (tp, ..., n) -> (..., tp * n)
+    return torch.cat([out[r].narrow(-1, 0, w) for r, w in enumerate(widths)], -1)
+
+
+def check_widths(widths: tuple[int, ...] | None, n: int, rank: int, tp: int) -> None:
+    """An uneven gather's ``widths`` name every rank, and this rank's piece is as wide as they say."""
+    if widths is None:
+        return
+    if len(widths) != tp:
+        raise ValueError(f"an all-gather of uneven pieces names {len(widths)} widths {list(widths)} for a "
+                         f"{tp}-rank group")
+    if widths[rank] != n:
+        raise ValueError(f"rank {rank} gathers a piece of width {n}, but the widths {list(widths)} give it "
+                         f"{widths[rank]}")
 
 
 def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> torch.Tensor:
@@ -247,34 +271,40 @@ def all_reduce(x: torch.Tensor, group, phase: str, *, owned: bool = False) -> to
     return _reduce(x, group, owned)
 
 
-def all_gather_last(x: torch.Tensor, group, tp: int) -> torch.Tensor:
-    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order); counted bytes are the gathered size."""
+def all_gather_last(x: torch.Tensor, group, tp: int, widths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Concatenate the ``tp`` ranks' ``x`` along its last dim (rank order); counted bytes are the gathered size.
+    ``widths``: each rank's last-dim size, in rank order, when they differ (a layer split unevenly); None: all
+    are ``x``'s."""
     if group is NO_COMM or x.device.type == "meta":  # shape checks: the gathered shape, no data
-        return x.repeat(*([1] * (x.dim() - 1)), tp)
-    nbytes = x.numel() * x.element_size() * tp
+        if widths is None:
+            return x.repeat(*([1] * (x.dim() - 1)), tp)
+        return x.new_zeros((*x.shape[:-1], sum(widths)))
+    nbytes = x.numel() * x.element_size() * tp if widths is None else \
+        x.numel() // x.shape[-1] * sum(widths) * x.element_size()
     if _COUNTING and not torch.compiler.is_compiling():
         _count("all_gather", "forward", nbytes)
     if _TALLY[0] is not None:
-        return _timed(_gather, x, group, phase="forward", nbytes=nbytes)
-    return _gather(x, group)
+        return _timed(_gather, x, group, widths, phase="forward", nbytes=nbytes)
+    return _gather(x, group, widths)
 
 
 def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, in_out: bool, group,
-                  tp: int) -> torch.Tensor | None:
+                  tp: int, widths: tuple[int, ...] | None = None) -> torch.Tensor | None:
     """The all-gathered output of a column-split linear (an LM head), for forwards without autograd,
     computed on a shared-memory group: each piece of rows goes straight into this rank's slot, so the
     local logits are never a tensor of their own and are copied once, into the full-width output.
     Counted as one all-gather. None where that does not apply (no shared memory, not on the CPU,
     compiled, dry, or profiling, which times the matmul and the gather apart): the caller runs its
-    linear and :func:`all_gather_last` instead.
+    linear and :func:`all_gather_last` instead. ``widths``: the ranks' output widths when they differ.
     """
     s = None if torch.compiler.is_compiling() or group is NO_COMM else shared_memory_of(group)
     if s is None or x.device.type != "cpu" or _TALLY[0] is not None or x.dtype != weight.dtype:
         return None
     w = weight if in_out else weight.t()  # (in, n)
     rows, n = x.reshape(-1, x.shape[-1]), w.shape[1]
+    total = sum(widths) if widths is not None else n * tp
     if _COUNTING:
-        _count("all_gather", "forward", rows.shape[0] * n * tp * x.element_size())
+        _count("all_gather", "forward", rows.shape[0] * total * x.element_size())
 
     def compute(a: int, b: int, out: torch.Tensor) -> None:
         if bias is None:
@@ -283,19 +313,19 @@ def gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             torch.addmm(bias, rows[a:b], w, out=out)
 
     with _span("autotp::shm_linear_all_gather"):
-        out = s.gather_computed(compute, rows.shape[0], n, x.dtype)
-    return out.view(*x.shape[:-1], n * tp)
+        out = s.gather_computed(compute, rows.shape[0], n, x.dtype, widths)
+    return out.view(*x.shape[:-1], total)
 
 
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, rank, tp):
-        ctx.n, ctx.rank = x.shape[-1], rank
-        return all_gather_last(x, group, tp)
+    def forward(ctx, x, group, rank, tp, widths):
+        ctx.n, ctx.offset = x.shape[-1], sum(widths[:rank]) if widths is not None else rank * x.shape[-1]
+        return all_gather_last(x, group, tp, widths)
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad.narrow(-1, ctx.rank * ctx.n, ctx.n), None, None, None
+    def backward(ctx, grad):  # this rank's piece: at its offset, its width
+        return grad.narrow(-1, ctx.offset, ctx.n), None, None, None, None
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -365,10 +395,12 @@ def reduce_from_tp(x: torch.Tensor, group, *, owned: bool = False) -> torch.Tens
     return all_reduce(x, group, "forward", owned=owned)
 
 
-def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int) -> torch.Tensor:
+def gather_from_tp(x: torch.Tensor, group, rank: int, tp: int, widths: tuple[int, ...] | None = None) -> torch.Tensor:
+    """All-gather of the last dim forward (``widths``: the ranks' sizes of it when they differ), this rank's slice
+    of the gradient backward."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _GatherFromTP.apply(x, group, rank, tp)
-    return all_gather_last(x, group, tp)
+        return _GatherFromTP.apply(x, group, rank, tp, widths)
+    return all_gather_last(x, group, tp, widths)
 
 
 def group_size(group) -> int:

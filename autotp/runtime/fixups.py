@@ -47,8 +47,11 @@ def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -
         if patch is not None:
             entries.append(patch)
             continue
-        entries += [Entry(o, "localize", (), "sizes along sharded dims are baked into its reshapes; "
-                          "its forward is rewritten to local sizes") for o in mine]
+        split = next((",".join(map(str, a.const_parts[n])) for n, *_ in a.shape_consts
+                      if n in a.const_parts and Captured.owner(n) in mine), None)
+        entries += [Entry(o, "localize", (("split", split),) if split else (),
+                          "sizes along sharded dims are baked into its reshapes; its forward is rewritten to local "
+                          "sizes") for o in mine]
     a.entries = entries
     a.plan = a.plan.with_entries(compress(entries, a.modules or None))
     again = verify(model, a, c, example_inputs)
@@ -82,35 +85,41 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
     another attribute (``heads * head_dim``). Candidates are added greedily while they reduce
     the shape mismatches of this module; the result must remove them all.
     """
-    lits: dict[int, int] = {}  # global size -> local size
+    lits: dict[int, int] = {}  # global size -> rank 0's local size
+    ranks: dict[int, tuple[int, ...]] = {}  # global size -> every rank's local size (they differ where split unevenly)
+    tp = a.plan.tp
     for n, _, g, loc in a.shape_consts:
         if glob_of(Captured.owner(n)) == pattern:
+            parts = a.const_parts.get(n)
+            each = tuple(loc // parts[0] * p for p in parts) if parts else (loc,) * tp
             lits[g] = loc if lits.get(g, loc) == loc else -1
+            ranks[g] = each if ranks.get(g, each) == each else (-1,) * tp
     mod = model.get_submodule(owners[0])
     ints = patchable(mod)
     values = set(ints.values())
-    local: dict[str, int] = {}
+    local: dict[str, tuple[int, ...]] = {}  # attribute -> its value on each rank
     for k, v in ints.items():
-        if v > 1 and lits.get(v, -1) > 0:
-            local[k] = lits[v]
+        if v > 1 and lits.get(v, -1) > 0 and min(ranks[v]) > 0:
+            local[k] = ranks[v]
         elif v > 1:  # a factor of a size, the cofactor being another attribute (heads * head_dim)
-            got = [v * lits[g] // g for g in lits if lits[g] > 0 and g % v == 0 and g // v in values
-                   and (v * lits[g]) % g == 0]
+            got = [tuple(v * x // g for x in ranks[g]) for g in lits if lits[g] > 0 and min(ranks[g]) > 0
+                   and g % v == 0 and g // v in values and all((v * x) % g == 0 for x in ranks[g])]
             if got:
                 local[k] = got[0]
-    cands = [k for k in local if local[k] != ints[k]]
+    cands = [k for k in local if local[k] != (ints[k],) * tp]
     cands.sort(key=lambda k: (ints[k] not in lits, k.count("."), k))
     path = (varying_glob(owners) or pattern) if len(owners) > 1 else owners[0]  # names no other module
 
-    def problems(keys: list[str]) -> int:
-        e = Entry(path, "patch", tuple((k, str(local[k])) for k in keys),
-                  "sizes along sharded dims come from these attributes; set to local values")
-        a.plan = a.plan.with_entries(compress(entries + [e], a.modules or None))
-        return len([o for o, _, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
+    def said(k: str) -> str:
+        return str(local[k][0]) if len(set(local[k])) == 1 else ",".join(map(str, local[k]))
 
     def entry(keys: list[str]) -> Entry:
-        return Entry(path, "patch", tuple((k, str(local[k])) for k in keys),
+        return Entry(path, "patch", tuple((k, said(k)) for k in keys),
                      "sizes along sharded dims come from these attributes; set to local values")
+
+    def problems(keys: list[str]) -> int:
+        a.plan = a.plan.with_entries(compress(entries + [entry(keys)], a.modules or None))
+        return len([o for o, _, _ in verify(model, a, c, example_inputs) if o is None or glob_of(o) == pattern])
 
     cands, chosen = cands[:8], []
     best = problems(chosen) if cands else 0

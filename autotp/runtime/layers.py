@@ -21,12 +21,18 @@ from autotp.runtime.collectives import (
     gather_linear,
     reduce_from_tp,
 )
-from autotp.split import Split
+from autotp.split import Split, shard_ranges
 
 
-def shard_tensor(t: torch.Tensor, dim: int, rank: int, tp: int, segments: Sequence[int] | None = None) -> torch.Tensor:
-    """The local slice of ``t`` along ``dim`` (contiguous, a copy: the dense tensor can be freed)."""
-    return Split(dim, tp, 1, tuple(segments) if segments else None).take(t, rank)
+def shard_tensor(t: torch.Tensor, dim: int, rank: int, tp: int, segments: Sequence[int] | None = None,
+                 parts: Sequence[int] | None = None) -> torch.Tensor:
+    """The local slice of ``t`` along ``dim`` (contiguous, a copy: the dense tensor can be freed); ``parts``: an
+    uneven split (``autotp.split``)."""
+    return Split(dim, tp, 1, tuple(segments) if segments else None, tuple(parts) if parts else None).take(t, rank)
+
+
+def _split_repr(parts: tuple[int, ...] | None) -> str:
+    return f", split={','.join(map(str, parts))}" if parts else ""
 
 
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
@@ -41,6 +47,7 @@ class _ParallelLinear(nn.Module):
         # one f per input tensor, shared by the layers of one model (``swap_layers`` hands them one cache)
         self.copies = CopyCache()
         self.in_features, self.out_features = weight.shape if in_out else (weight.shape[1], weight.shape[0])
+        self.parts: tuple[int, ...] | None = None  # an uneven split: the units each rank holds (``split=``)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.in_out:
@@ -56,16 +63,28 @@ class ColumnParallelLinear(_ParallelLinear):
 
     rep = 1
     gather = False  # all-gather the output (an LM head: every rank gets the full logits)
+    widths: tuple[int, ...] | None = None  # uneven split: every rank's output width, in rank order
 
     @classmethod
     def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
-                   group=None, segments: Sequence[int] | None = None, rep: int = 1) -> "ColumnParallelLinear":
-        """``rep > 1``: fewer heads than ranks; ``rep`` neighbouring ranks hold the same block of outputs."""
+                   group=None, segments: Sequence[int] | None = None, rep: int = 1,
+                   parts: Sequence[int] | None = None) -> "ColumnParallelLinear":
+        """``rep > 1``: fewer heads than ranks; ``rep`` neighbouring ranks hold the same block of outputs.
+        ``parts``: an uneven split (``split=``): rank r holds ``parts[r]`` of ``sum(parts)`` units of each segment."""
+        parts = tuple(parts) if parts else None
+        if parts is not None and rep > 1:
+            raise ValueError(f"an uneven split ({','.join(map(str, parts))}) of outputs held by rep={rep} ranks each "
+                             f"is not supported: give the line split= or rep=, not both")
         blocks, block = tp // rep, rank // rep
-        w = shard_tensor(weight.detach(), 1 if in_out else 0, block, blocks, segments)
-        b = shard_tensor(bias.detach(), 0, block, blocks, segments) if bias is not None else None
+        dim, seg = 1 if in_out else 0, tuple(segments) if segments else None
+        w = shard_tensor(weight.detach(), dim, block, blocks, seg, parts)
+        b = shard_tensor(bias.detach(), 0, block, blocks, seg, parts) if bias is not None else None
         layer = cls(_param(w, weight), _param(b, bias) if b is not None else None,
                     in_out=in_out, group=group, tp=tp, rank=rank)
+        if parts is not None:
+            split, size = Split(0, tp, 1, seg, parts), weight.shape[dim]
+            layer.parts = parts
+            layer.widths = tuple(sum(e - a for a, e in split.ranges(size, r)) for r in range(tp))
         if rep > 1:
             layer.rep = rep
             for p in (layer.weight, layer.bias):
@@ -84,17 +103,18 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
             if self.tp > 1 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-                y = gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp)  # inference
+                y = gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp, self.widths)
                 if y is not None:
                     return y
             y = self._linear(copy_to_tp(x, self.group) if self.tp > 1 and self.group is not NO_COMM else x, self.bias)
-            return gather_from_tp(y, self.group, self.rank, self.tp) if self.tp > 1 else y  # (..., out)
+            return gather_from_tp(y, self.group, self.rank, self.tp, self.widths) if self.tp > 1 else y  # (..., out)
         if self.tp > 1 and self.group is not NO_COMM:
             x = copy_to_tp(x, self.group, self.copies)
         return self._linear(x, self.bias)  # (..., out/tp)
 
     def extra_repr(self) -> str:
-        extra = (f", rep={self.rep}" if self.rep > 1 else "") + (", gather" if self.gather else "")
+        extra = ((f", rep={self.rep}" if self.rep > 1 else "") + _split_repr(self.parts)
+                 + (", gather" if self.gather else ""))
         return f"in={self.in_features}, out_local={self.out_features}, tp={self.tp}, rank={self.rank}{extra}"
 
 
@@ -105,9 +125,14 @@ class RowParallelLinear(_ParallelLinear):
 
     @classmethod
     def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
-                   group=None, segments: Sequence[int] | None = None) -> "RowParallelLinear":
-        w = shard_tensor(weight.detach(), 0 if in_out else 1, rank, tp, segments)
-        return cls(_param(w, weight), bias, in_out=in_out, group=group, tp=tp, rank=rank)
+                   group=None, segments: Sequence[int] | None = None,
+                   parts: Sequence[int] | None = None) -> "RowParallelLinear":
+        """``parts``: an uneven split of the inputs (``split=``), matching the column layers that feed it."""
+        parts = tuple(parts) if parts else None
+        w = shard_tensor(weight.detach(), 0 if in_out else 1, rank, tp, segments, parts)
+        layer = cls(_param(w, weight), bias, in_out=in_out, group=group, tp=tp, rank=rank)
+        layer.parts = parts
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in/tp)
         self.copies.clear()  # the group is closing: its input will not be read by its columns again
@@ -117,7 +142,8 @@ class RowParallelLinear(_ParallelLinear):
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return f"in_local={self.in_features}, out={self.out_features}, tp={self.tp}, rank={self.rank}"
+        return (f"in_local={self.in_features}, out={self.out_features}, tp={self.tp}, rank={self.rank}"
+                + _split_repr(self.parts))
 
 
 class VocabShard:
@@ -130,14 +156,17 @@ class VocabShard:
     may scale the lookup (``embed_scale``): the planner checked it computes nothing else.
     """
 
-    def __init__(self, module: nn.Module, *, rank: int, tp: int, group, weight: nn.Parameter | None = None):
+    def __init__(self, module: nn.Module, *, rank: int, tp: int, group, weight: nn.Parameter | None = None,
+                 parts: Sequence[int] | None = None):
+        """``parts``: an uneven split of the rows (``split=``): rank r holds ``parts[r]`` of ``sum(parts)`` units."""
         w = module.weight
         rows = w.shape[0]
-        if rows % tp:
+        parts = tuple(parts) if parts else None
+        if parts is None and rows % tp:
             raise ValueError(f"{rows} rows are not divisible by tp={tp}")
-        self.start, self.end = rank * rows // tp, (rank + 1) * rows // tp
+        (self.start, self.end), = shard_ranges(rows, rank, tp, None, parts)
         self.rows, self.group, self.tp = rows, group, tp
-        module.weight = weight if weight is not None else _param(shard_tensor(w.detach(), 0, rank, tp), w)
+        module.weight = weight if weight is not None else _param(shard_tensor(w.detach(), 0, rank, tp, None, parts), w)
         pad = getattr(module, "padding_idx", None)
         if isinstance(pad, int):  # only the rank holding the padding row keeps it gradient-free
             module.padding_idx = pad - self.start if self.start <= pad < self.end else None

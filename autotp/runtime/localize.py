@@ -5,8 +5,9 @@ from the (replicated) input, and ``view(B, T, self.n_head, ...)`` a literal head
 After its projections are sharded, such a module is traced with torch.fx (children are
 leaves), run twice on meta tensors — dense and sharded — and every view/reshape/split/
 expand whose size along the sharded dim is still the global one is rewritten to the
-local one (literal ``n`` -> ``n // tp``; a computed size -> ``size // tp``). The new
-forward is bound to the same module object, so its class and attributes stay.
+local one (literal ``n`` -> ``n // tp``; a computed size -> ``size // tp``; an uneven split, this rank
+holding ``parts[r]`` of ``sum(parts)`` units: ``n * parts[r] // sum(parts)``). The new forward is bound
+to the same module object, so its class and attributes stay.
 """
 from __future__ import annotations
 
@@ -85,12 +86,14 @@ class _Run(fx.Interpreter):
         return out
 
 
-def _sharded_dim(local: torch.Tensor, glob: torch.Tensor, tp: int) -> int | None:
+def _sharded_dim(local: torch.Tensor, glob: torch.Tensor, share: tuple[int, int]) -> int | None:
     diff = [d for d, (a, b) in enumerate(zip(local.shape, glob.shape)) if a != b]
     if not diff:
         return None
-    if len(diff) != 1 or local.shape[diff[0]] * tp != glob.shape[diff[0]]:
-        raise RewriteError(f"local shape {list(local.shape)} vs global {list(glob.shape)}: not a tp={tp} shard")
+    num, den = share
+    if len(diff) != 1 or local.shape[diff[0]] * den != glob.shape[diff[0]] * num:
+        raise RewriteError(f"local shape {list(local.shape)} vs global {list(glob.shape)}: not a "
+                           + (f"tp={den} shard" if num == 1 else f"shard of {num}/{den}"))
     return diff[0]
 
 
@@ -106,18 +109,25 @@ def _set_sizes(n: fx.Node, sizes: list[Any], packed: bool) -> None:
     n.args = (n.args[0], tuple(sizes)) if packed else (n.args[0], *sizes)
 
 
-def _localize_value(graph: fx.Graph, n: fx.Node, v: Any, tp: int, run: "_Run") -> Any:
+def _localize_value(graph: fx.Graph, n: fx.Node, v: Any, share: tuple[int, int], run: "_Run") -> Any:
+    num, den = share
     if isinstance(v, int):
-        return v // tp
+        if v * num % den:
+            raise RewriteError(f"cannot localize {n.format_node()}: size {v} is not divisible into a {num}/{den} share")
+        return v * num // den
     with graph.inserting_before(n):
-        new = graph.call_function(operator.floordiv, (v, tp))
-    run.env[new] = run.env[v] // tp  # the interpreter has passed this point already
+        new = graph.call_function(operator.mul, (v, num)) if num != 1 else v
+        new = graph.call_function(operator.floordiv, (new, den))
+    run.env[new] = run.env[v] * num // den  # the interpreter has passed this point already
     return new
 
 
 def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args: tuple, kwargs: dict,
-                    tp: int) -> tuple[fx.Graph, int]:
-    """Trace ``module`` and rewrite its shape args; ``dense``/``local`` are meta copies to run on."""
+                    share: int | tuple[int, int]) -> tuple[fx.Graph, int]:
+    """Trace ``module`` and rewrite its shape args; ``dense``/``local`` are meta copies to run on. ``share``: this
+    rank's part of every sharded size, (numerator, denominator): ``(1, tp)`` (or ``tp``) for an even split,
+    ``(parts[rank], sum(parts))`` for an uneven one."""
+    share = (1, share) if isinstance(share, int) else tuple(share)
     graph = _ChildrenAreLeaves().trace(module)
     glob = _Run(fx.GraphModule(dense, graph))
     with torch.device("meta"):  # tensors the forward makes join the meta copies they meet
@@ -129,7 +139,7 @@ def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args:
         xg = glob.values.get(n.args[0])
         if not isinstance(x, torch.Tensor) or not isinstance(xg, torch.Tensor):
             return
-        d = _sharded_dim(x, xg, tp)
+        d = _sharded_dim(x, xg, share)
         if d is None:
             return
         kind = _kind(n)
@@ -141,8 +151,8 @@ def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args:
             val = run.env[size] if isinstance(size, fx.Node) else size
             gsz = [int(t.shape[d]) for t in glob.values[n]]
             if (val if isinstance(val, int) else list(val)[0]) == gsz[0]:
-                new = _localize_value(graph, n, size, tp, run) if not isinstance(size, (list, tuple)) else \
-                    [_localize_value(graph, n, s, tp, run) for s in size]
+                new = _localize_value(graph, n, size, share, run) if not isinstance(size, (list, tuple)) else \
+                    [_localize_value(graph, n, s, share, run) for s in size]
                 n.args = (n.args[0], new, *n.args[2:])
                 edits[0] += 1
             return
@@ -157,7 +167,7 @@ def trace_localized(module: nn.Module, dense: nn.Module, local: nn.Module, args:
             j = d + len(gout) - xg.dim()
         val = run.env[sizes[j]] if isinstance(sizes[j], fx.Node) else sizes[j]
         if val == gout[j] and val != -1:
-            sizes[j] = _localize_value(graph, n, sizes[j], tp, run)
+            sizes[j] = _localize_value(graph, n, sizes[j], share, run)
             _set_sizes(n, sizes, packed)
             edits[0] += 1
 

@@ -33,14 +33,24 @@ def verify(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> l
 
 
 def _verify(model: nn.Module, m: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> list:
-    try:  # layers of the meta copy get a group whose collectives do nothing: no process group is needed
-        apply_plan(m, a.plan, rank=0, tp=a.plan.tp, group=collectives.NO_COMM, example_inputs=example_inputs)
-        c2 = capture(m, example_inputs)
-    except (CaptureError, RewriteError, RuntimeError, TypeError) as e:
-        return [(getattr(e, "module", None), str(e).splitlines()[0][:300], None)]
-    swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
-    sliced = [glob_regex(e.path) for e in a.plan.entries if e.style == "slice"]
-    return _compare(c, c2, a.layouts, swapped, a.plan.tp, sliced)
+    """Rank 0, and where the plan splits sizes unevenly also the last rank (rank 0 holds the most units of every
+    uneven split and the last rank the fewest, so the two see every local size the plan gives any rank)."""
+    tp = a.plan.tp
+    ranks = [0, tp - 1] if tp > 1 and any(e.get("split") for e in a.plan.entries) else [0]
+    for rank in ranks:
+        copy = m if rank == ranks[-1] else meta_copy(model)
+        try:  # layers of the meta copy get a group whose collectives do nothing: no process group is needed
+            apply_plan(copy, a.plan, rank=rank, tp=tp, group=collectives.NO_COMM, example_inputs=example_inputs)
+            c2 = capture(copy, example_inputs)
+        except (CaptureError, RewriteError, RuntimeError, TypeError, ValueError) as e:
+            return [(getattr(e, "module", None), str(e).splitlines()[0][:300]
+                     + (f" (rank {rank} of an uneven split)" if rank else ""), None)]
+        swapped = {s.module for s in a.sites.values()} | {lk.module for lk in a.lookups}
+        sliced = [glob_regex(e.path) for e in a.plan.entries if e.style == "slice"]
+        problems = _compare(c, c2, a.layouts, swapped, tp, sliced, rank)
+        if problems:
+            return problems
+    return []
 
 
 # ops a capture may drop when they do nothing at local shapes (e.g. contiguous() of one head)
@@ -49,7 +59,7 @@ _MAYBE_NOOP = {torch.ops.aten.contiguous.default, torch.ops.aten.clone.default, 
 
 
 def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: int,
-             sliced: list | None = None) -> list[tuple[str, str, Any]]:
+             sliced: list | None = None, rank: int = 0) -> list[tuple[str, str, Any]]:
     def seq(g: Captured) -> dict[str, list[fx.Node]]:
         out: dict[str, list[fx.Node]] = {}
         for n in g.graph.nodes:
@@ -70,7 +80,7 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
             want = list(c.shape(n))
             lay = layouts.get(n)
             if lay is not None and not isinstance(lay, list):
-                want = lay.local(want, tp)
+                want = lay.local(want, tp, rank)
             if list(c2.shape(m)) != want:
                 problems.append((owner, f"{op_name(n)} in '{owner or '<root>'}' (sizes {_sizes(n)}): local shape "
                                         f"{list(c2.shape(m))}, expected {want}", n))

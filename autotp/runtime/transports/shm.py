@@ -9,7 +9,8 @@ copies the slots out side by side, and an LM head computes its local logits stra
 (:meth:`ShmSum.gather_computed`). Tensors larger than a slot go in pieces.
 
 Beside its first flag each rank writes what it sends (sum, gather or computed gather, the tensor's bytes and
-dtype, a gather's row width) and which collective it is: the forward of the group's parallelized models and the
+dtype, a gather's row width; pieces of different widths: the full width and a digest of them, ``transports.words``)
+and which collective it is: the forward of the group's parallelized models and the
 place in it (``collectives.Epoch``). After the second wait, before anything is returned, every rank reads all
 ranks' words, the same ones. The same collective with other tensors (inputs of different shapes): every rank
 raises ``RankError`` naming what each sent; the next collective runs in step. A rank further on (it caught an
@@ -51,6 +52,7 @@ import torch.distributed as dist
 from autotp.errors import RankError
 from autotp.runtime.ranks import group_timeout
 from autotp.runtime.transports import buffers
+from autotp.runtime.transports.words import COMPUTED, GATHER, MASK, SUM, UNEVEN, first, uneven, what, where
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,7 @@ MIN_SLOT_BYTES = 1 << 20  # less /dev/shm than this per rank: gloo is kept
 _PAGE = 4096
 _LINE = 8  # int64s per flag: one cache line each, so ranks do not write to the same line
 _TOKEN = 16  # bytes of the file's first page that prove every rank mapped the same file
-# what a message is, in words 1-3 (odd seqs: 4-6) of its rank's first flag line: kind | dtype << 8 | row width << 16,
-# the whole tensor's bytes, forward << 32 | collective (``collectives.Epoch``; the furthest rank's is the largest)
-_SUM, _GATHER, _COMPUTED, _MASK = 1, 2, 3, 0x7FFFFFFF
-_KINDS = {_SUM: "sums", _GATHER: "gathers", _COMPUTED: "computes in place (an LM head) and gathers"}
-_DTYPES = [None] + sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
-_CODES = {d: i for i, d in enumerate(_DTYPES) if d is not None}
+# what a message is: ``transports.words``, in words 1-3 (odd seqs: 4-6) of its rank's first flag line
 _after_create: Callable[[str], object] | None = None  # tests: called on rank 0 once the memory exists, with its path
 
 
@@ -221,17 +218,17 @@ class ShmSum:
         return v
 
     def _describe(self, kind: int, nbytes: int, dtype: torch.dtype, n: int = 0) -> tuple[int, int, int]:
-        """This rank's words for its next collective (see ``_KINDS``), which it counts."""
+        """This rank's words for its next collective (``transports.words``), which it counts."""
         e = self.epoch
         e.calls += 1
-        return kind | _CODES.get(dtype, 0) << 8 | n << 16, nbytes, (e.forwards & _MASK) << 32 | e.calls & _MASK
+        return first(kind, dtype, n), nbytes, (e.forwards & MASK) << 32 | e.calls & MASK
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` (contiguous, on the CPU) over the ranks, in place; returns ``x``."""
         flat = x.view(-1)
         size = x.element_size()
         per = self.slot // size
-        words = self._describe(_SUM, flat.numel() * size, x.dtype)
+        words = self._describe(SUM, flat.numel() * size, x.dtype)
         for off in range(0, max(1, flat.numel()), per):  # an empty tensor too: the ranks compare their words
             part = flat[off:off + per] if flat.numel() > per else flat
             slots = self._slots(part.numel() * size, x.dtype)
@@ -248,29 +245,36 @@ class ShmSum:
                 self._differ(words)
         return x
 
-    def gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """The ranks' ``x`` concatenated along the last dim, in rank order."""
+    def gather_last(self, x: torch.Tensor, widths: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The ranks' ``x`` concatenated along the last dim, in rank order (``widths``: their last-dim sizes when
+        they differ)."""
         n = x.shape[-1]
         rows = x.reshape(-1, n)
-        out = self._gather(lambda a, b, slot: slot.copy_(rows[a:b]), rows.shape[0], n, x.dtype, _GATHER)
-        return out.view(*x.shape[:-1], n * self.world)
+        out = self._gather(lambda a, b, slot: slot.copy_(rows[a:b]), rows.shape[0], n, x.dtype, GATHER, widths)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def gather_computed(self, compute: Callable[[int, int, torch.Tensor], object], rows: int, n: int,
-                        dtype: torch.dtype) -> torch.Tensor:
+                        dtype: torch.dtype, widths: tuple[int, ...] | None = None) -> torch.Tensor:
         """A ``(rows, n * world)`` tensor whose columns ``[r*n, (r+1)*n)`` rank ``r`` computed:
         ``compute(a, b, slot)`` writes this rank's rows ``a:b`` into ``slot`` (``(b - a, n)``, in shared
-        memory), so an LM head's local logits never exist outside it."""
-        return self._gather(compute, rows, n, dtype, _COMPUTED)
+        memory), so an LM head's local logits never exist outside it. ``widths``: the ranks' ``n`` when they
+        differ (rank r's columns follow those of the ranks before it; the output is ``sum(widths)`` wide)."""
+        return self._gather(compute, rows, n, dtype, COMPUTED, widths)
 
     def _gather(self, compute: Callable[[int, int, torch.Tensor], object], rows: int, n: int, dtype: torch.dtype,
-                kind: int) -> torch.Tensor:
+                kind: int, widths: tuple[int, ...] | None = None) -> torch.Tensor:
         size = dtype.itemsize
-        out = self.pool.empty((rows, n * self.world), dtype)
-        per = max(1, self.slot // (n * size))
-        if per * n * size > self.slot:
-            raise ValueError(f"one row of {n} {dtype} values does not fit a {self.slot}-byte shared-memory slot; "
+        if widths is not None and (len(widths) != self.world or widths[self.rank] != n):
+            raise ValueError(f"rank {self.rank} gathers a piece of width {n} over {self.world} ranks, but the widths "
+                             f"{list(widths)} give it {widths[self.rank] if self.rank < len(widths) else 'none'}")
+        total, wide = (sum(widths), max(widths)) if widths is not None else (n * self.world, n)
+        out = self.pool.empty((rows, total), dtype)
+        per = max(1, self.slot // (wide * size))
+        if per * wide * size > self.slot:
+            raise ValueError(f"one row of {wide} {dtype} values does not fit a {self.slot}-byte shared-memory slot; "
                              f"set AUTOTP_SHM_BYTES higher or AUTOTP_SHM=0")
-        words = self._describe(kind, rows * n * size, dtype, n)
+        words = self._describe(kind, rows * n * size, dtype, n) if widths is None else \
+            self._describe(kind | UNEVEN, rows * total * size, dtype, uneven(widths))
         for a in range(0, max(1, rows), per):
             k = min(per, rows - a)
             slots = self._slots(k * n * size, dtype).view(self.world, k, n)
@@ -282,7 +286,14 @@ class ShmSum:
                 raise
             while True:
                 self._wait(0, words)
-                (out[a:a + k] if k < rows else out).view(k, self.world, n).copy_(slots.transpose(0, 1))
+                part = out[a:a + k] if k < rows else out
+                if widths is None:
+                    part.view(k, self.world, n).copy_(slots.transpose(0, 1))
+                else:  # each rank's piece, as wide as it is, at its offset
+                    off = 0
+                    for r, w in enumerate(widths):
+                        part[:, off:off + w].copy_(self._slots(k * w * size, dtype)[r].view(k, w))
+                        off += w
                 if self._wait(1, words):
                     break
                 self._differ(words)
@@ -321,14 +332,14 @@ class ShmSum:
         sent = [tuple(self._flags[r * _LINE + bank:r * _LINE + bank + 3]) for r in range(self.world)]
         ids = [w[2] for w in sent]
         if len(set(ids)) == 1:
-            each = ", ".join(f"rank {r} {_what(w)}" for r, w in enumerate(sent))
-            raise RankError(f"shared-memory collective {self.seq} ({_where(ids[0])} on every rank): the ranks send "
+            each = ", ".join(f"rank {r} {what(w)}" for r, w in enumerate(sent))
+            raise RankError(f"shared-memory collective {self.seq} ({where(ids[0])} on every rank): the ranks send "
                             f"different tensors: {each}. Most likely the ranks gave the model inputs of different "
                             f"shapes: every rank must run the same forward on the same shapes (batch, sequence "
                             f"length). Every rank raises this; the next collective runs in step.")
         ahead = [r for r, i in enumerate(ids) if i == max(ids)]
         if self.rank not in ahead:
-            each = ", ".join(f"rank {r} {_what(w)} ({_where(w[2])})" for r, w in enumerate(sent))
+            each = ", ".join(f"rank {r} {what(w)} ({where(w[2])})" for r, w in enumerate(sent))
             raise RankError(f"rank {self.rank}: shared-memory collective {self.seq}: the ranks are out of step, ranks "
                             f"{ahead} are further on: {each}. A rank that caught an exception in a forward and went on "
                             f"to the next skips the rest of that forward (the exception is in its output), or the "
@@ -336,7 +347,7 @@ class ShmSum:
                             f"{ids[self.rank] >> 32} here; ranks {ahead} wait in their collective until it reaches it.")
         behind = [r for r in range(self.world) if r not in ahead]
         log.warning("autotp: rank %d waits in shared-memory collective %d (%s) for ranks %s, behind: they raise "
-                    "RankError and come to it", self.rank, self.seq, _where(words[2]), behind)
+                    "RankError and come to it", self.rank, self.seq, where(words[2]), behind)
         self.seq += 1
 
     def _check(self, phase: int, seq: int, waited: float) -> None:
@@ -348,23 +359,6 @@ class ShmSum:
         if waited > self.timeout:
             raise RankError(f"ranks {late} did not reach shared-memory collective {seq} within {self.timeout:.0f} s "
                             f"(the process group's timeout)")
-
-
-def _where(i: int) -> str:
-    """Which collective the third word names."""
-    forward, n = i >> 32, i & _MASK
-    return f"collective {n} of forward {forward}" if forward else f"collective {n} before any forward"
-
-
-def _what(w: tuple[int, int, int]) -> str:
-    """What a rank's words say it sends: ``sums 16384 bytes of float32``."""
-    kind, n, dtype = w[0] & 0xFF, w[0] >> 16, _DTYPES[w[0] >> 8 & 0xFF]
-    if kind not in _KINDS:
-        return "sends a message without words"
-    name, size = (str(dtype).removeprefix("torch."), dtype.itemsize) if dtype is not None else ("an unknown dtype", 0)
-    if kind == _SUM or not n * size:
-        return f"{_KINDS[kind]} {w[1]} bytes of {name}"
-    return f"{_KINDS[kind]} {w[1] // (n * size)} rows of {n} {name} ({w[1]} bytes)"
 
 
 def _alive(pid: int) -> bool:
