@@ -227,8 +227,11 @@ def test_hf_export_refuses_uneven_lines():
     assert msg.startswith("4 plan line(s) cannot be written as a transformers tp_plan"), msg
     assert "line 4 ('model.embed_tokens' vocab rows=7 dim=32 split=4,3)" in msg, msg
     assert "line 7 ('model.layers.*.mlp.down_proj' rowwise split=2,1)" in msg, msg
-    assert "split every size evenly" in msg and "plan at a tp that divides its sizes" in msg, msg
-    assert "cut into 7 units" in msg and "cut into 3 units" in msg, msg
+    assert "cut into 7 units, of which the ranks hold 4, 3; transformers' tensor-parallel styles split every " \
+           "size evenly into tp parts" in msg, msg
+    assert "cut into 3 units, of which the ranks hold 2, 1" in msg, msg
+    assert "Fix: the 4 split= line(s) come from a tp=2 that does not divide the model's sizes: plan at a tp " \
+           "that divides them" in msg and "a transformers tp_plan is not available for it" in msg, msg
 
 
 # ---------------------------------------------------------------------------------------------- the command line

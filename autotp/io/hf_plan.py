@@ -93,10 +93,14 @@ def to_hf_tp_plan(plan: Plan, model: nn.Module | None = None, *, base_model: boo
     else:
         rules = _by_hf_key(plan, styles, model, problems)
     if problems:
+        uneven = sum(1 for e in plan.entries if e.get("split"))
+        fix = (f"Fix: the {uneven} split= line(s) come from a tp={plan.tp} that does not divide the model's sizes: "
+               f"plan at a tp that divides them (autotp plan MODEL --tp N --format hf), or shard with "
+               f"autotp.parallelize, which runs this plan; a transformers tp_plan is not available for it"
+               if uneven else "Fix: edit the plan to replicate these modules and their groups (check it with autotp "
+               "check MODEL --plan FILE), or shard with autotp.parallelize, which runs these lines")
         raise PlanMismatchError(f"{len(problems)} plan line(s) cannot be written as a transformers tp_plan:\n  "
-                                + "\n  ".join(problems) + "\nFix: edit the plan to replicate these modules and "
-                                "their groups (check it with autotp check MODEL --plan FILE), or shard with "
-                                "autotp.parallelize, which runs these lines")
+                                + "\n  ".join(problems) + f"\n{fix}")
     if whole:
         warnings.warn(f"transformers keeps these whole (no style of its own is known to do the same): "
                       f"{'; '.join(whole)}", stacklevel=2)
@@ -116,11 +120,10 @@ def _export_style(e: Entry, model: nn.Module | None, problems: list[str], whole:
     where = f"{head}('{e.path}' {e.style}{shown})"
     why = None
     if e.get("split"):
-        units = sum(e.ints("split"))
-        why = (f"it splits its sizes unevenly (split={e.get('split')}: each sharded size cut into {units} units, rank "
-               f"r holding the r-th count of them), and transformers' tensor-parallel styles split every size evenly "
-               f"into tp parts. Fix: plan at a tp that divides its sizes (autotp plan MODEL --tp N), or keep this plan "
-               f"and shard with autotp.parallelize: it has no transformers tp_plan")
+        parts = e.ints("split")
+        why = (f"an uneven split: its sizes are cut into {sum(parts)} units, of which the ranks hold "
+               f"{', '.join(map(str, parts))}; transformers' tensor-parallel styles split every size evenly into tp "
+               f"parts")
     elif e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
         why = ("its weight is stored [in, out] (GPT-2's Conv1D, x @ W): transformers' colwise/rowwise shard an "
                "nn.Linear's [out, in] weight and need its in_features/out_features")
