@@ -16,8 +16,8 @@ correspond to autotp's exactly:
     (no rule)               replicate
 
 Exporting refuses lines transformers would run wrongly ([in, out] weights of GPT-2's Conv1D, ``seg=``
-other than 2 equal parts, ``rep=``, ``patch``, ``localize``, layers planned differently under one key)
-and keeps ``experts`` lines whole with a warning (the same numbers, expert weights not sharded).
+other than 2 equal parts, ``rep=``, uneven ``split=``, ``patch``, ``localize``, layers planned differently
+under one key) and keeps ``experts`` lines whole with a warning (the same numbers, expert weights not sharded).
 Importing maps transformers styles that gather or slice a replicated value (``rowwise_split_input``,
 ``embedding_colwise``, ``colwise_rep``/``rowwise_rep``) to the same numbers without sharding the
 weights, keeps modules whose styles have no autotp counterpart (MoE experts, sequence parallel)
@@ -93,10 +93,14 @@ def to_hf_tp_plan(plan: Plan, model: nn.Module | None = None, *, base_model: boo
     else:
         rules = _by_hf_key(plan, styles, model, problems)
     if problems:
+        uneven = sum(1 for e in plan.entries if e.get("split"))
+        fix = (f"Fix: the {uneven} split= line(s) come from a tp={plan.tp} that does not divide the model's sizes: "
+               f"plan at a tp that divides them (autotp plan MODEL --tp N --format hf), or shard with "
+               f"autotp.parallelize, which runs this plan; a transformers tp_plan is not available for it"
+               if uneven else "Fix: edit the plan to replicate these modules and their groups (check it with autotp "
+               "check MODEL --plan FILE), or shard with autotp.parallelize, which runs these lines")
         raise PlanMismatchError(f"{len(problems)} plan line(s) cannot be written as a transformers tp_plan:\n  "
-                                + "\n  ".join(problems) + "\nFix: edit the plan to replicate these modules and "
-                                "their groups (check it with autotp check MODEL --plan FILE), or shard with "
-                                "autotp.parallelize, which runs these lines")
+                                + "\n  ".join(problems) + f"\n{fix}")
     if whole:
         warnings.warn(f"transformers keeps these whole (no style of its own is known to do the same): "
                       f"{'; '.join(whole)}", stacklevel=2)
@@ -112,9 +116,15 @@ def _export_style(e: Entry, model: nn.Module | None, problems: list[str], whole:
     cannot reproduce is a problem when keeping the module whole would break it (sizes baked into its
     code), else it goes to ``whole`` (the same numbers, weights not sharded: e.g. MoE experts)."""
     head = f"line {e.line} " if e.line else ""
-    where = f"{head}('{e.path}' {e.style}{''.join(f' {k}={v}' for k, v in e.params if k not in ('in', 'out', 'w', 'group'))})"
+    shown = "".join(f" {k}={v}" for k, v in e.params if k not in ("in", "out", "w", "group"))
+    where = f"{head}('{e.path}' {e.style}{shown})"
     why = None
-    if e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
+    if e.get("split"):
+        parts = e.ints("split")
+        why = (f"an uneven split: its sizes are cut into {sum(parts)} units, of which the ranks hold "
+               f"{', '.join(map(str, parts))}; transformers' tensor-parallel styles split every size evenly into tp "
+               f"parts")
+    elif e.style in ("colwise", "rowwise") and e.get("w") == "in_out":
         why = ("its weight is stored [in, out] (GPT-2's Conv1D, x @ W): transformers' colwise/rowwise shard an "
                "nn.Linear's [out, in] weight and need its in_features/out_features")
     elif e.style == "colwise" and int(e.get("rep", "1")) > 1:

@@ -110,7 +110,7 @@ def _plan_reads(path: Path, tp: int, rank: int, group: Any, dtype: Any, plan: Pl
         if names[0] not in keys:  # a buffer the checkpoint does not hold keeps its computed value
             continue
         split = agreed_split(names, lines, tp)
-        want = split.local_shape(dense[names[0]])
+        want = split.local_shape(dense[names[0]], rank)  # uneven split=: this rank's share
         if tuple(t.shape) != want:
             raise RewriteError(f"parameter '{names[0]}': the sharded model holds {list(t.shape)}, its plan line gives "
                                f"{list(want)} of {list(dense[names[0]])}. Please report this with the plan file.")

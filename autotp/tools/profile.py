@@ -10,6 +10,7 @@ import torch.nn as nn
 from autotp.api import parallelize
 from autotp.capture import inputs as hf
 from autotp.errors import AutoTPError
+from autotp.plan import Plan
 from autotp.runtime.profile import profile
 from autotp.tools import zoo
 
@@ -39,12 +40,14 @@ def sized_inputs(model: nn.Module, inputs: Any, batch: int | None = None, seq: i
 
 
 def profile_rank(rank: int, world: int, spec: str, batch: int | None, seq: int | None, reps: int, warmup: int,
-                 backward: bool, seed: int) -> dict:
-    """One rank of ``autotp profile``: MODEL built with ``seed``, sharded at tp=``world``, profiled."""
+                 backward: bool, seed: int, plan_text: str | None = None) -> dict:
+    """One rank of ``autotp profile``: MODEL built with ``seed``, sharded at tp=``world`` (by ``plan_text``, made
+    before the ranks started, else by ``make_plan``), profiled."""
     try:
         loaded = zoo.load(spec, weights=True, seed=seed)
         inputs = sized_inputs(loaded.model, loaded.example_inputs, batch, seq)
-        model = parallelize(loaded.model, world, example_inputs=inputs)
+        plan = Plan.from_text(plan_text, source="the profile's plan") if plan_text else None
+        model = parallelize(loaded.model, world, plan=plan, example_inputs=inputs)
         return {"profile": profile(model, inputs, reps=reps, warmup=warmup, backward=backward)}
     except AutoTPError as e:
         return {"error": f"{type(e).__name__}: {e}"}
