@@ -117,7 +117,7 @@ def _build(name: str):
     if name == "llama_tied":
         return llama(tie=True), None
     if name == "qwen":  # Qwen2.5-0.5B's layout: 14 heads, 2 KV heads; at tp=4 each KV head on 2 ranks, queries 4,3
-        return llama(heads=14, kv=2), None
+        return llama(heads=14, kv=2, vocab=131), None
     if name == "gpt2":
         return gpt2(), None
     if name == "nanogpt":  # 5 heads; the reference code's own reshapes (C // n_head) localized at each rank's share

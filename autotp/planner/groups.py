@@ -271,8 +271,14 @@ def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, ent
             return None
         tried.add(u)
         got = _grow(c, sites, committed, roles, tp, entered, s, balanced(u, tp))
-        if got[3] is None and got[2]:
-            return got[0].parts, got  # regrouped where KV heads are held by several ranks
+        if got[3] is None and got[2]:  # parts regrouped where KV heads are held by several ranks
+            rs, parts = set(got[4].values()), got[0].parts
+            if len(rs) == 1 and all(p % min(rs) == 0 for p in parts):  # whole KV groups on every rank: the same
+                fewer = tuple(p // min(rs) for p in parts)  # split in units of one group each, no head shared
+                whole = _grow(c, sites, committed, roles, tp, entered, s, fewer)
+                if whole[3] is None and whole[2] and not whole[4]:
+                    return fewer, whole
+            return parts, got
         if got[3] is not None and got[3].sizes:
             need = math.gcd(need, got[3].sizes[0])
             err.sizes = tuple(dict.fromkeys(err.sizes + got[3].sizes))  # for the error, if nothing works

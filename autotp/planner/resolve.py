@@ -63,9 +63,10 @@ def _check_patch(path: str, mod: nn.Module, e: Entry, tp: int) -> None:
             vals = [int(x) for x in v.split(",")]
             if len(vals) != tp or min(vals) < 1 or max(vals) > old:
                 raise PlanMismatchError(f"plan line {e.line or '?'} ('{e.path}' patch {k}={v}): module '{path}' "
-                                        f"has {k}={old}; a per-rank patch gives each of the tp={tp} ranks its part "
-                                        f"of it (1 to {old}), which {len(vals)} values {v} are not. Fix or "
-                                        f"drop the line (autotp.make_plan writes the patches a model needs)")
+                                        f"({type(mod).__name__}) has {k}={old}; {k}={v} gives {len(vals)} values, "
+                                        f"a per-rank patch needs one per rank of tp={tp}, each this rank's part "
+                                        f"(1 to {old}). Fix or drop the line (autotp.make_plan writes the patches "
+                                        f"a model needs)")
             continue
         new = int(v)
         if not (0 < new < old and old % new == 0 and tp % (old // new) == 0):

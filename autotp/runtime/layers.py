@@ -72,6 +72,8 @@ class ColumnParallelLinear(_ParallelLinear):
         """``rep > 1``: fewer heads than ranks; ``rep`` neighbouring ranks hold the same block of outputs.
         ``parts``: an uneven split (``split=``): rank r holds ``parts[r]`` of ``sum(parts)`` units of each segment."""
         parts = tuple(parts) if parts else None
+        if parts is not None and len(parts) != tp:
+            raise ValueError(f"split {','.join(map(str, parts))} names {len(parts)} ranks, not tp={tp}")
         blocks, block = tp // rep, rank // rep
         dim, seg = 1 if in_out else 0, tuple(segments) if segments else None
         if parts is not None and rep > 1:  # uneven, a block (KV head) held by every rank with units in it
