@@ -227,3 +227,129 @@ def test_repeat_of_the_heads_dim_is_replicated_with_the_op_named():
     for m in ("q", "kv", "o"):
         assert _line(plan, m).split()[1] == "replicate", plan
     assert "aten.repeat in '<root>' repeats the sharded dim 1 2 times" in _line(plan, "q"), plan
+
+
+# ---------------------------------------------------------------- torch's attention and a tied masked LM
+
+
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention called by hand (sequence first unless ``batch_first``), a mask, then an MLP."""
+
+    def __init__(self, batch_first: bool, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.mlp = MLP()
+
+    def forward(self, x):
+        T = x.shape[1] if self.batch_first else x.shape[0]
+        mask = torch.triu(torch.full((T, T), float("-inf")), 1)
+        y = x + self.attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+        return self.mlp(y if self.batch_first else y.transpose(0, 1))
+
+
+class Encoder(nn.Module):
+    def __init__(self, batch_first: bool, d: int = 32, heads: int = 4):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, heads, 64, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x):
+        T = x.shape[1] if self.encoder.layers[0].self_attn.batch_first else x.shape[0]
+        return self.encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
+
+
+OTHERS = ["mha_block", "mha_block_seq_first", "encoder_causal", "encoder_causal_seq_first", "xlm_roberta_tied"]
+
+
+def build_other(name: str):
+    torch.manual_seed(0)
+    if name == "xlm_roberta_tied":  # tied embeddings: the head and its table both sharded by vocabulary
+        transformers = pytest.importorskip("transformers")
+        from hf_zoo import config
+
+        transformers.logging.set_verbosity_error()
+        cfg = config("xlm-roberta")
+        cfg.tie_word_embeddings = True
+        model = transformers.XLMRobertaForMaskedLM(cfg).eval()
+        return model, torch.randint(3, 256, (2, 8)), lambda m, x: m(x).logits
+    first = not name.endswith("seq_first")
+    x = torch.randn(3, 6, 32) if first else torch.randn(6, 3, 32)
+    model = MHABlock(first) if name.startswith("mha") else Encoder(first)
+    return model, x, lambda m, x: m(x)
+
+
+def others(rank: int, world: int) -> dict:
+    from cases import measure
+
+    out = {}
+    for name in OTHERS:
+        model, x, call = build_other(name)
+        dense = copy.deepcopy(model)
+        if name == "xlm_roberta_tied":  # its head's bias has two names (lm_head.bias, lm_head.decoder.bias)
+            plan = autotp.make_plan(model, world, example_inputs=(x,))
+            model = autotp.parallelize(model, world, plan=plan, example_inputs=(x,), check=False)
+            out[name] = dict(_aliased(rank, world, model, dense, plan, lambda m: call(m, x)), plan=plan.to_text())
+            continue
+        model = autotp.parallelize(model, world, example_inputs=(x,))  # planned, proven and checked
+        plan = model._autotp_plan
+        out[name] = dict(measure(rank, world, model, dense, plan, lambda m: call(m, x)), plan=plan.to_text())
+    return out
+
+
+def _aliased(rank: int, world: int, model, dense, plan, run) -> dict:
+    """Outputs and every parameter's gradient compared, each parameter's slice read from the plan line of the
+    module holding it under any of its names (``cases.measure`` reads its first name only)."""
+    from autotp.split import split_of
+
+    lines = plan.resolve(dict(dense.named_modules()).keys())
+    y_ref, y = run(dense), run(model)
+    y_ref.pow(2).mean().backward()
+    y.pow(2).mean().backward()
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    mine, ref = dict(model.named_parameters(remove_duplicate=False)), dict(dense.named_parameters(remove_duplicate=False))
+    gdiff, pdiff, local = 0.0, 0.0, 0
+    for ns in names.values():
+        n = next((a for a in ns if lines.get(a.rpartition(".")[0]) is not None), ns[0])
+        split = split_of(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world)
+        pdiff = max(pdiff, (mine[n].detach() - split.take(ref[n].detach(), rank)).abs().max().item())
+        gdiff = max(gdiff, (mine[n].grad - split.take(ref[n].grad, rank)).abs().max().item())
+        local += mine[n].numel()
+    return dict(out_diff=(y - y_ref).abs().max().item(), out_scale=y_ref.abs().max().item(), grad_diff=gdiff,
+                grad_scale=max(p.grad.abs().max().item() for p in dense.parameters()), param_diff=pdiff,
+                local_params=local, total_params=sum(p.numel() for p in dense.parameters()),
+                vocab=sum(1 for m in model.modules() if getattr(m, "_autotp_vocab", None)),
+                heads=sum(1 for m in model.modules() if getattr(m, "gather", False) is True))
+
+
+@pytest.fixture(scope="module")
+def other_results():
+    return run_ranks(others, 2, timeout=500)
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_torch_attention_and_tied_lm_exact(other_results, name):
+    for r in other_results:
+        r = r[name]
+        plan = r["plan"]
+        assert r["out_diff"] <= 1e-5 * max(1.0, r["out_scale"]), (r["out_diff"], plan)
+        assert r["grad_diff"] <= 1e-5 * max(1.0, r["grad_scale"]), (r["grad_diff"], plan)
+        assert r["param_diff"] == 0.0 and r["local_params"] < r["total_params"], plan
+        if name == "xlm_roberta_tied":
+            assert r["vocab"] == r["heads"] == 1, plan
+            assert _line(plan, "roberta.encoder.layer.*.output.dense").split()[1] == "rowwise", plan
+            assert _line(plan, "lm_head.decoder").split()[1:2] == ["colwise"] and "gather=1" in plan, plan
+            assert _line(plan, "roberta.embeddings.word_embeddings").split()[1] == "vocab", plan
+            continue
+        assert r["local_params"] == r["ideal_params"], plan
+        attn, mlp = ("attn", "mlp") if name.startswith("mha") else ("encoder.layers.*.self_attn", "encoder.layers.*")
+        assert r["rows"] == (1 if name.startswith("mha") else 2), plan  # the MLPs sharded
+        up = "mlp.up" if name.startswith("mha") else f"{mlp}.linear1"
+        assert _line(plan, up).split()[1] == "colwise", plan
+        # nn.MultiheadAttention applies its own in_proj_weight and out_proj's weight: kept whole, with why
+        assert "its weight in_proj_weight is a parameter of the module, not a linear layer's weight/bias" in \
+            _line(plan, attn), plan
+        assert f"its weight is applied by '{attn}' itself, not by calling '{attn}.out_proj'" in \
+            _line(plan, f"{attn}.out_proj"), plan
