@@ -12,7 +12,7 @@ import torch.nn as nn
 from autotp import pieces
 from autotp.capture.export import capture
 from autotp.capture.inputs import default_inputs
-from autotp.errors import CaptureError, GroupError, PlanMismatchError, RewriteError
+from autotp.errors import AutoTPError, CaptureError, GroupError, PlanMismatchError, report
 from autotp.plan import Plan, compress, glob_of, load_plan, summarize
 from autotp.planner import blocks
 from autotp.planner.check import check_graph, needs_translation_check
@@ -118,16 +118,21 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
     c = capture(model, example_inputs)
     blocked = dict(blocked or {})
     while True:  # each round replicates the groups the translation check refused, with its reason
-        a = plan_graph(c, tp, model=type(model).__name__, strict=strict, blocked=blocked,
-                       modules=[n for n, _ in model.named_modules()])
+        try:
+            a = plan_graph(c, tp, model=type(model).__name__, strict=strict, blocked=blocked,
+                           modules=[n for n, _ in model.named_modules()])
+        except AutoTPError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the planner reads a graph: anything else is a bug in it
+            raise report(f"planning {type(model).__name__} at tp={tp} failed", e, model=model,
+                         graph=c.graph) from e
         try:
             return fix_sizes(model, a, c, example_inputs)
         except Unproven as e:
             more = {k: v for k, v in unproven_layers(a, e.problems).items() if k not in blocked}
             if not more:
-                raise RewriteError(f"the sharded {type(model).__name__} would compute other numbers, and no group "
-                                   f"is left to replicate: {str(e)[:400]}. Please report this with the model "
-                                   f"code.") from None
+                raise report(f"the sharded {type(model).__name__} would compute other numbers, and no group is "
+                             f"left to replicate: {str(e)[:400]}", None, plan=a.plan.to_text(), model=model) from None
             log.info("autotp: replicating %d layers the translation check refused: %s", len(more),
                      next(iter(more.values())))
             blocked.update(more)
@@ -144,7 +149,13 @@ def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> A
     example_inputs = default_inputs(model, example_inputs)
     resolved = resolve(model, plan)
     c = capture(model, example_inputs)
-    a, problems = check_graph(c, plan, resolved, resolve_slices(model, plan))
+    try:
+        a, problems = check_graph(c, plan, resolved, resolve_slices(model, plan))
+    except AutoTPError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the checker reads a graph: anything else is a bug in it
+        raise report(f"checking a plan against {type(model).__name__} failed", e, plan=plan.to_text(), model=model,
+                     graph=c.graph) from e
     if not problems and needs_translation_check(plan):
         for owner, msg, _ in verify(model, a, c, example_inputs):
             what = f"module '{glob_of(owner) or '<root>'}': {msg}" if owner is not None else \
@@ -218,11 +229,14 @@ def _tried(model: nn.Module, plan: Plan, *, given: bool, rank: int, tp: int, gro
             backstop.check(model, plan, rank=rank, tp=tp, group=group, example_inputs=example_inputs)
             return plan
         except backstop.Mismatch as e:
-            if given or not e.modules or all(m in blocked for m in e.modules):
-                fix = ("replicate that group (make its lines 'replicate'), or let autotp.make_plan choose" if given
-                       else "Please report this with the model code")
+            if not given and (not e.modules or all(m in blocked for m in e.modules)):  # autotp's own plan
+                raise report(f"the plan autotp made would not give the unsharded numbers on {type(model).__name__}: "
+                             f"{e.why}; parallelize(check=False) skips this check", None, plan=plan.to_text(),
+                             model=model) from None
+            if given:
                 raise PlanMismatchError(f"the plan would not give the unsharded numbers on {type(model).__name__}: "
-                                        f"{e.why}. {fix}; parallelize(check=False) skips this check") from None
+                                        f"{e.why}. Fix: replicate that group (make its lines 'replicate'), or let "
+                                        f"autotp.make_plan choose; parallelize(check=False) skips this check") from None
             if rank == 0:
                 log.warning("autotp: replicating %d layers: %s", len(e.modules), e.why)
             blocked.update(e.modules)

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import tree_map_only
 
+from autotp.capture import source
 from autotp.errors import CaptureError
 
 
@@ -195,8 +196,9 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
         msg = str(e).strip().splitlines()
         head = msg[0] if msg else type(e).__name__
         err = CaptureError(
-            f"cannot capture {type(model).__name__}: torch.export failed in module '{where}' "
-            f"({type(e).__name__}: {head[:300]}). Fix: make that module traceable, pass example_inputs "
+            f"cannot capture {type(model).__name__}: torch.export failed in module '{where}'"
+            f"{source.at(source.of_exception(e))} ({type(e).__name__}: {head[:300]}). Fix: make that module "
+            f"traceable, pass example_inputs "
             f"that match its forward, or write a plan file (autotp.make_plan on a traceable copy, or by hand) "
             f"and call parallelize(model, plan=...), which skips capture.")
         err.where = None if where == "<root>" else where  # the module export failed in

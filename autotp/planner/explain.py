@@ -10,13 +10,18 @@ import re
 import torch.fx as fx
 
 from autotp.capture.export import Captured
+from autotp.capture.source import of_node
 from autotp.errors import ShardingError
 from autotp.plan import glob_of
 from autotp.planner.sites import op_name
 
 
-def describe(c: Captured, e: Exception) -> str:
-    """Why ``e`` stopped a group, naming its node by op and module rather than by graph-local name."""
+def describe(c: Captured, e: Exception, *, source: bool = False) -> str:
+    """Why ``e`` stopped a group, naming its node by op and module rather than by graph-local name.
+
+    ``source``: add the model's line that computed the node (``at file.py:NN: <code>``), for error messages (a
+    plan's reasons stay short).
+    """
     n = getattr(e, "node", None)
     text = str(getattr(e, "reason", e))
     if n is None:
@@ -25,8 +30,16 @@ def describe(c: Captured, e: Exception) -> str:
         return "the model's output would be sharded"
     place = where(c, n)
     text = re.sub(r"\s*\(at [\w.]+\)", "", text).replace(f"{n.name} ({n.target})", place)
-    text = re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", place, text, count=1)
-    return text if place in text else f"{place}: {text}"
+    if place not in text:
+        text = re.sub(rf"(?<![\w.]){re.escape(n.name)}(?![\w])", place, text, count=1)
+    text = text if place in text else f"{place}: {text}"
+    return text + (at_source(n) if source else "")
+
+
+def at_source(n: fx.Node) -> str:
+    """`` (at file.py:NN: <code>)``: the model's line that computed ``n``, or nothing where it is not known."""
+    line = of_node(n)
+    return f" (at {line})" if line else ""
 
 
 def where(c: Captured, n: fx.Node) -> str:

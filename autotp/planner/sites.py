@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from autotp.capture import source
 from autotp.capture.export import Captured
 from autotp.errors import ShardingError
 from autotp.plan import glob_of
 
 aten = torch.ops.aten
-TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default}
+TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, aten.mT.default,
+              aten.swapaxes.default, aten.swapdims.default, aten.adjoint.default}
 SHAPE_ONLY = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.sym_size.int,
               aten._assert_tensor_metadata.default}
 # ops that keep a partial sum partial, position by position: what may sit between a lookup and its module's output
@@ -70,18 +72,17 @@ def find_sites(c: Captured) -> dict[fx.Node, Site]:
     lookups = {n for n in c.graph.nodes if n.target is aten.embedding.default}
     by_weight: dict[str, list[Site]] = {}
     for s in sites.values():
-        by_weight.setdefault(s.weight, []).append(s)
-    for n in c.graph.nodes:  # every use of each weight, not only linear-like ones
-        name = c.param_name(n)
-        if name in by_weight:
-            uses = _uses(n)
-            rest = [u for u in uses if u not in lookups or u.args[0] is not n]
-            if len(rest) == 1 and len(uses) > 1 and all(not s.in_out for s in by_weight[name]):
-                for s in by_weight[name]:
-                    s.tied = True  # an embedding table applied as a linear: shardable by its rows only
-            elif len(uses) > 1:
-                for s in by_weight[name]:
-                    s.blocker = f"its weight {name} is used by {len(uses)} ops (shared/tied or applied twice)"
+        by_weight.setdefault(_param_key(c, s.weight), []).append(s)
+    uses_of = _param_uses(c)  # every use of each weight, not only linear-like ones
+    for key, ss in by_weight.items():
+        phs, uses = uses_of.get(key, ((), []))
+        rest = [u for u in uses if u not in lookups or u.args[0] not in phs]
+        if len(rest) == 1 and len(uses) > 1 and all(not s.in_out for s in ss):
+            for s in ss:
+                s.tied = True  # an embedding table applied as a linear: shardable by its rows only
+        elif len(uses) > 1:
+            for s in ss:
+                s.blocker = f"its weight {key} is used by {len(uses)} ops (shared/tied or applied twice)"
     owned: dict[str, list[fx.Node]] = {}  # module -> its ops, built once (checking each site by a scan is quadratic)
     for n in c.graph.nodes:
         if n.op == "call_function":
@@ -91,9 +92,26 @@ def find_sites(c: Captured) -> dict[fx.Node, Site]:
     return sites
 
 
+def _param_key(c: Captured, name: str) -> str:
+    """One name per parameter: its first name (a tied parameter has several, and may reach the graph as several
+    placeholders, one per name)."""
+    return c.aliases.get(name, (name,))[0]
+
+
+def _param_uses(c: Captured) -> dict[str, tuple[tuple[fx.Node, ...], list[fx.Node]]]:
+    """Parameter (``_param_key``) -> (its placeholders, every op reading it through any of them)."""
+    out: dict[str, tuple[tuple[fx.Node, ...], list[fx.Node]]] = {}
+    for n in c.graph.nodes:
+        name = c.param_name(n)
+        if name is not None:
+            phs, uses = out.get(_param_key(c, name), ((), []))
+            out[_param_key(c, name)] = (phs + (n,), uses + _uses(n))
+    return out
+
+
 def find_lookups(c: Captured, sites: dict[fx.Node, Site]) -> list[Lookup]:
     """Every embedding lookup of a parameter table, with why it could not be vocabulary-sharded."""
-    tied = {s.weight: s for s in sites.values() if s.tied}
+    tied = {_param_key(c, s.weight): s for s in sites.values() if s.tied}
     out = []
     for n in c.graph.nodes:
         if n.target is not aten.embedding.default or not c.param_name(n.args[0]):
@@ -103,15 +121,16 @@ def find_lookups(c: Captured, sites: dict[fx.Node, Site]) -> list[Lookup]:
         if shape is None or len(shape) != 2:
             continue
         module = c.owner(n)
-        lk = Lookup(n, w, module, shape[0], shape[1], _from_input(c, n.args[1]), tied=tied.get(w))
+        lk = Lookup(n, w, module, shape[0], shape[1], _from_input(c, n.args[1]), tied=tied.get(_param_key(c, w)))
         lk.blocker = _lookup_purity(c, lk)
         out.append(lk)
     by_w: dict[str, list[Lookup]] = {}
     for lk in out:
         by_w.setdefault(lk.weight, []).append(lk)
+    uses_of = _param_uses(c)
     for w, lks in by_w.items():
-        uses = [u for u in _uses(lks[0].node.args[0]) if u.target is not aten.embedding.default]
-        if len(uses) > (1 if w in tied else 0):
+        uses = [u for u in uses_of[_param_key(c, w)][1] if u.target is not aten.embedding.default]
+        if len(uses) > (1 if _param_key(c, w) in tied else 0):
             for lk in lks:
                 lk.blocker = lk.blocker or f"its table {w} is also used by {uses[0].name}"
     return out
@@ -179,8 +198,11 @@ def partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, li
                 else:
                     plain.append(u)
         if meets and plain:
-            raise ShardingError(f"parameter {name} is used both on sharded values (at {meets[0].name}) and on "
-                                f"replicated ones (at {plain[0].name}); its gradient cannot be made exact. Fix: "
+            raise ShardingError(f"parameter {name} is used both on sharded values (by {op_name(meets[0])} in "
+                                f"'{glob_of(Captured.owner(meets[0])) or '<root>'}'{source.at(source.of_node(meets[0]))})"
+                                f" and on replicated ones (by {op_name(plain[0])} in "
+                                f"'{glob_of(Captured.owner(plain[0])) or '<root>'}'{source.at(source.of_node(plain[0]))})"
+                                f"; its gradient cannot be made exact. Fix: "
                                 f"edit the plan to replicate the layers around '{Captured.owner(meets[0])}'.")
         if meets:
             mod, _, leaf = name.rpartition(".")
@@ -263,9 +285,13 @@ def _purity(c: Captured, s: Site, own: list[fx.Node]) -> str | None:
                    f"({', '.join(sorted(mine - grouped))})"
         return None
     if not s.weight.endswith(".weight") or (s.bias and s.bias != s.module + ".bias"):
-        return f"its parameters are not named weight/bias ({s.weight.rpartition('.')[2]})"
+        more = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES]
+        also = f", and the module computes more than that linear ({op_name(more[0])})" if more else ""
+        return (f"its weight {s.weight.rpartition('.')[2]} is a parameter of the module, not a linear layer's "
+                f"weight/bias{also}: no sharded layer can stand in for the module")
     if c.owner(s.node) != s.module:
-        return f"its weight is used outside module '{glob_of(s.module)}'"
+        return (f"its weight is applied by '{glob_of(c.owner(s.node)) or '<root>'}' itself, not by calling "
+                f"'{glob_of(s.module)}': a sharded layer swapped in for it would not run")
     extra = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES
              and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
     if extra:

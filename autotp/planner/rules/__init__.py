@@ -7,7 +7,8 @@ of a node's inputs to its output layout, or raises:
   * ``NoRule(reason)``: this op cannot take a sharded input here; the value must be R.
 Partial sums never leave a row projection (it all-reduces), so they are not a layout here.
 Layouts live in ``planner.layouts``; the rules by op family in ``shapes`` (views, data movement), ``pointwise``
-(elementwise ops, reductions, norms) and ``contract`` (matmuls, einsum, attention); this module holds the table.
+(elementwise ops, reductions, norms), ``along`` (scans, flips, sorts, repeats, pads: ops along given dims) and
+``contract`` (matmuls, einsum, attention); this module holds the table.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from autotp.planner.layouts import Ctx
+from autotp.planner.rules import along
 from autotp.planner.rules.contract import baddbmm, bmm, einsum, linear_act, matmul, sdpa
 from autotp.planner.rules.pointwise import elementwise, norm, reduction, softmax, unary
 from autotp.planner.rules.shapes import (
@@ -67,6 +69,34 @@ for _op in (aten.dropout.default, aten.clone.default, aten.contiguous.default, a
     RULES[_op] = elementwise if _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else unary
 for _op in (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):  # pointwise, but not tagged so
     RULES[_op] = elementwise
+RULES.update({
+    aten.reshape_as.default: along.reshape_as, aten.view_as.default: along.reshape_as,
+    aten.expand_as.default: elementwise,  # broadcast to another tensor's (local) shape
+    aten.cumsum.default: along.scan, aten.cumprod.default: along.scan, aten.logcumsumexp.default: along.scan,
+    aten.flip.default: along.flip, aten.roll.default: along.roll,
+    aten.tril.default: along.triangle, aten.triu.default: along.triangle,
+    aten.sort.default: along.sorted_along, aten.sort.stable: along.sorted_along, aten.topk.default: along.sorted_along,
+    aten.cummax.default: along.sorted_along, aten.cummin.default: along.sorted_along,
+    aten.max.dim: along.reduce_pick, aten.min.dim: along.reduce_pick,
+    aten.argmax.default: along.reduce_pick, aten.argmin.default: along.reduce_pick,
+    aten.logsumexp.default: reduction, aten.prod.dim_int: reduction, aten.any.dim: reduction,
+    aten.all.dim: reduction, aten.any.dims: reduction, aten.max.default: reduction, aten.min.default: reduction,
+    aten.repeat.default: along.repeat, aten.tile.default: along.repeat,
+    aten.repeat_interleave.self_int: along.repeat_interleave,
+    aten.pad.default: along.pad, aten.constant_pad_nd.default: along.pad,
+    aten.narrow.default: along.narrow, aten.index_select.default: along.index_select,
+    aten.unfold.default: along.per_dim, aten.diff.default: along.per_dim,
+    aten.view_as_complex.default: along.complex_view, aten.view_as_real.default: along.complex_view,
+    aten.mT.default: along.transposes, aten.mH.default: along.transposes, aten.adjoint.default: along.transposes,
+    aten.swapaxes.default: along.transposes, aten.swapdims.default: along.transposes,
+    aten.movedim.int: along.transposes, aten.movedim.intlist: along.transposes,
+    aten.moveaxis.int: along.transposes, aten.moveaxis.intlist: along.transposes,
+    aten.masked_fill_.Scalar: elementwise, aten.masked_fill_.Tensor: elementwise,
+    aten.zeros_like.default: unary, aten.ones_like.default: unary, aten.full_like.default: unary,
+    aten.empty_like.default: unary,  # the input's (local) shape, none of its values
+    aten.new_zeros.default: along.fresh, aten.new_ones.default: along.fresh, aten.new_full.default: along.fresh,
+    aten.new_empty.default: along.fresh,
+})
 for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default):
     RULES[_op] = lambda ctx, node: None  # an int (eager code reads local sizes by itself), or a dtype assert
 

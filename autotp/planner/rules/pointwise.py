@@ -57,7 +57,8 @@ def softmax(ctx: Ctx, node: fx.Node) -> Shard:
 def reduction(ctx: Ctx, node: fx.Node) -> Shard:
     x = node.args[0]
     lay, nd = ctx.layout(x), len(ctx.shape(x))
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    i = 2 if node.target is aten.linalg_vector_norm.default else 1  # linalg_vector_norm(x, ord, dim, keepdim)
+    dims = node.args[i] if len(node.args) > i else node.kwargs.get("dim")
     if dims is None or dims == []:
         raise NoRule(f"{node.name} ({node.target}) reduces over every dim, including the sharded one")
     dims = [dims] if isinstance(dims, int) else list(dims)
