@@ -93,5 +93,5 @@ def test_an_internal_error_writes_a_report_and_names_it(monkeypatch):
 
 def test_user_errors_do_not_ask_for_a_report():
     with pytest.raises(autotp.AutoTPError) as e:
-        autotp.make_plan(nn.Sequential(Heads()), 3, example_inputs=(torch.randn(2, 5, 32),))
+        autotp.make_plan(nn.Sequential(Heads()), 5, example_inputs=(torch.randn(2, 5, 32),))  # 4 heads, 5 ranks
     assert "Please report" not in str(e.value) and "Fix:" in str(e.value), str(e.value)

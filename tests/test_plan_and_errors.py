@@ -70,7 +70,7 @@ def test_heads_not_divisible_lists_working_tp():
     with pytest.raises(autotp.ShardingError) as e:
         autotp.make_plan(HeadsModel(), 10, example_inputs=(torch.randn(2, 5, 36),))
     msg = str(e.value)
-    assert "attn.qkv.*" in msg and "tp=10" in msg and "1 to 9 (evenly: [3, 9])" in msg and "strict=False" in msg, msg
+    assert "attn.qkv.*" in msg and "tp=10" in msg and "tp values that divide them all: [1, 3, 9]" in msg and "strict=False" in msg, msg
     plan = autotp.make_plan(HeadsModel(), 10, example_inputs=(torch.randn(2, 5, 36),), strict=False)
     assert all(e.style == "replicate" for e in plan.entries), plan.to_text()
     autotp.make_plan(HeadsModel(), 3, example_inputs=(torch.randn(2, 5, 36),))  # tp=3 works
@@ -189,15 +189,17 @@ def test_vocab_line_checked_against_the_table():
 
 
 def test_hf_heads_not_divisible_lists_working_tp():
-    """Real HF modeling code: 6 heads (3 KV heads) at tp=4 is refused, naming the sizes and the tp that work."""
+    """Real HF modeling code: 6 heads (3 KV heads) at tp=7 is refused (more ranks than heads), naming the sizes and
+    the tp that work; at tp=4 the queries are spread 2,2,1,1, the last KV head on both its queries' ranks"""
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=6,
                                    num_key_value_heads=3, head_dim=16, vocab_size=240)
     model = transformers.LlamaForCausalLM(cfg)
     with pytest.raises(autotp.ShardingError) as e:
-        autotp.make_plan(model, 4)
+        autotp.make_plan(model, 7)
     msg = str(e.value)
-    assert "tp=4" in msg and "self_attn.q_proj" in msg and "of size 6" in msg and "1 to 3" in msg, msg
+    assert "tp=7" in msg and "self_attn.q_proj" in msg and "[3, 6, 48, 96]" in msg and "divide them all: [1, 3]" in msg, msg
+    assert "rep=2 group=model.layers.*.self_attn split=2,2,1,1" in autotp.make_plan(model, 4).to_text()
     assert "colwise" in autotp.make_plan(model, 3).to_text()  # tp=3 divides 6 heads and 3 KV heads
 
 

@@ -330,7 +330,7 @@ def test_shared_memory_uneven_gathers_and_their_mismatches():
 
 
 def test_layers_and_gathers_without_a_group():
-    from autotp.runtime import collectives
+    from autotp.runtime import collectives, fg
     from autotp.runtime.layers import ColumnParallelLinear, RowParallelLinear
     from autotp.runtime.transports.words import uneven
 
@@ -350,7 +350,7 @@ def test_layers_and_gathers_without_a_group():
         ColumnParallelLinear.from_dense(dense.weight, None, in_out=False, rank=0, tp=2, parts=(2, 1))
     meta = torch.empty(2, 5, 4, device="meta")  # shape checks: the full width, no data
     assert collectives.all_gather_last(meta, collectives.NO_COMM, 2, (4, 3)).shape == (2, 5, 7)
-    assert collectives.gather_from_tp(meta, collectives.NO_COMM, 0, 2, (4, 3)).shape == (2, 5, 7)
+    assert fg.gather_from_tp(meta, collectives.NO_COMM, 0, 2, (4, 3)).shape == (2, 5, 7)
     with pytest.raises(ValueError, match=r"rank 1 of 2 gathers a piece of width 4, but the widths \[4, 3\] give it 3"):
         collectives.check_widths((4, 3), 4, 1, 2)
     with pytest.raises(ValueError, match=r"widths \[4, 2, 1\] name 3 ranks"):

@@ -50,16 +50,18 @@ def where(c: Captured, n: fx.Node) -> str:
 
 
 def indivisible_error(fails: list, tp: int) -> ShardingError:
-    """The error for groups whose sizes ``tp`` cannot split, evenly or in whole units: the sizes, and the tp values
-    that work for every one of them (a split into U whole units works for tp <= U, U dividing every size)."""
+    """The error for groups whose sizes ``tp`` cannot split, evenly or in whole units: the sizes, the tp values that
+    divide every one of them, and the uneven splits tried."""
     sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
     most = math.gcd(*sizes)
     even = [t for t in range(2, most + 1) if most % t == 0]
     cols, e = fails[0]
     mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
+    tried = getattr(e, "tried", ())
     return ShardingError(
-        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}: no split into whole "
-        f"units gives each of {tp} ranks a part (their largest common unit count is {most}). tp values that work: "
-        f"1 to {most}" + (f" (evenly: {even})" if even else "") + ". Fix: use one of those tp values, or "
-        f"parallelize(..., strict=False) / 'autotp plan ... --no-strict' to keep these modules whole, with the "
-        f"reason in the plan.")
+        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}; tp values that divide "
+        f"them all: {[1, *even]}"
+        + (f"; split unevenly into {', '.join(map(str, tried))} whole units the group does not close either"
+           if tried else "; no split into whole units gives each rank a part") + ". Fix: use a tp that divides "
+        f"them, or parallelize(..., strict=False) / 'autotp plan ... --no-strict' to keep these modules whole, with "
+        f"the reason in the plan.")

@@ -270,6 +270,7 @@ def _uneven(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, ent
         if u is None:
             return None
         tried.add(u)
+        err.tried = (*getattr(err, "tried", ()), u)  # for the error, if nothing works
         got = _grow(c, sites, committed, roles, tp, entered, s, balanced(u, tp))
         if got[3] is None and got[2]:  # parts regrouped where KV heads are held by several ranks
             rs, parts = set(got[4].values()), got[0].parts

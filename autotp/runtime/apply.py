@@ -15,7 +15,7 @@ from autotp.errors import PlanMismatchError, RewriteError
 from autotp.plan import Entry, Plan
 from autotp.planner.resolve import resolve, resolve_slices
 from autotp.runtime import collectives
-from autotp.runtime.collectives import CopyCache
+from autotp.runtime.fg import CopyCache
 from autotp.runtime.layers import ColumnParallelLinear, ExpertsShard, InputSlice, RowParallelLinear, VocabShard
 from autotp.runtime.localize import install, trace_localized
 from autotp.split import parts_of

@@ -12,15 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autotp.runtime.collectives import (
-    NO_COMM,
-    CopyCache,
-    all_reduce,
-    copy_to_tp,
-    gather_from_tp,
-    gather_linear,
-    reduce_from_tp,
-)
+from autotp.runtime.collectives import NO_COMM, all_reduce, gather_linear
+from autotp.runtime.fg import CopyCache, copy_to_tp, gather_from_tp, reduce_from_tp
 from autotp.split import Split, shard_ranges
 
 
