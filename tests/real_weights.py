@@ -89,7 +89,9 @@ def smollm2_generate(rank: int, world: int, ckpt_dir: str, new_tokens: int = 20)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    if rank < 2:
+    done = os.path.exists(os.path.join(ckpt_dir, "config.json")) and os.path.exists(
+        os.path.join(ckpt_dir, "tokenizer_config.json"))  # written by an earlier run into the same directory
+    if rank < 2 and not done:
         export_smollm2(ckpt_dir, ("model", "tokenizer")[rank])
     dist.barrier()
     tok = transformers.AutoTokenizer.from_pretrained(ckpt_dir)
@@ -104,6 +106,7 @@ def smollm2_generate(rank: int, world: int, ckpt_dir: str, new_tokens: int = 20)
             dense_logits = model(**batch).logits
         model = autotp.parallelize(model, world)
         out["local_params"] = sum(p.numel() for p in model.parameters())
+        out["split"] = next((e.get("split") for e in model._autotp_plan.entries if "q_proj" in e.path), None)
         out["ids"] = model.generate(**batch, **gen)[0, n_prompt:].tolist()
         logits = model(**batch).logits
     out["text"] = tok.decode(out["ids"], skip_special_tokens=True)

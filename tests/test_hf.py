@@ -3,7 +3,8 @@
 Per architecture: logits and gradients equal to the unsharded model, all-reduces per forward
 as planned (at the optimum for the fully sharded ones), per-rank parameters = ideal, greedy
 generate() with the KV cache token-identical, and the stored plan under plans/ byte-identical
-to a fresh one (AUTOTP_REGEN=1 rewrites them).
+to a fresh one (AUTOTP_REGEN=1 rewrites them). At tp=3 no size of the configs divides: every group is split
+unevenly.
 """
 import os
 import sys
@@ -14,13 +15,13 @@ from autotp.tools.launch import run_ranks
 
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_cases import coverage  # noqa: E402
-from hf_zoo import ARCHS, ARCHS_TP4, OPTIMAL  # noqa: E402
+from hf_zoo import ARCHS, ARCHS_TP3, ARCHS_TP4, OPTIMAL  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+@pytest.fixture(scope="module", params=[2, 3, 4], ids=["tp2", "tp3", "tp4"])
 def sweep(request):
     tp = request.param
-    names = ARCHS if tp == 2 else ARCHS_TP4
+    names = {2: ARCHS, 3: ARCHS_TP3, 4: ARCHS_TP4}[tp]
     return tp, names, run_ranks(coverage, tp, names, timeout=900)
 
 

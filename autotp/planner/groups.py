@@ -38,8 +38,8 @@ class Analysis:
     modules: tuple[str, ...] = ()  # every module path of the model: globs in the plan name no others
     lookups: list[Lookup] = field(default_factory=list)
     entries: list[Entry] = field(default_factory=list)  # one per concrete module, in graph order (before compress)
-    # shape constants of uneven groups: (node, position) -> every rank's value; node -> the group's split
-    const_parts: dict[tuple[fx.Node, int], tuple[int, ...]] = field(default_factory=dict)
+    # shape constants of uneven groups: (node, position, global value) -> every rank's value; node -> the split
+    const_parts: dict[tuple[fx.Node, int, int], tuple[int, ...]] = field(default_factory=dict)
     const_split: dict[fx.Node, tuple[int, ...]] = field(default_factory=dict)
 
 

@@ -37,8 +37,8 @@ class Propagation:
         # which read ``tp``, check every size against that count while they run on its values
         self.parts = parts
         self.tp = sum(parts) if parts else tp
-        # shape constants of uneven groups: (node, position) -> every rank's value
-        self.const_parts: dict[tuple[fx.Node, int], tuple[int, ...]] = {}
+        # shape constants of uneven groups: (node, position, global value) -> every rank's value
+        self.const_parts: dict[tuple[fx.Node, int, int], tuple[int, ...]] = {}
         self._pending: list[int] = []
         self.const_split: dict[fx.Node, tuple[int, ...]] = {}  # their nodes -> the group's split
         self.reps = reps or {}
@@ -109,14 +109,14 @@ class Propagation:
         for i in self._pending:
             node, pos, g, _ = self.consts[i]
             flat = shape is not None and not isinstance(shape[0], (list, tuple))
-            if lay is not None and flat and pos < len(shape) and shape[pos] == g:  # a size: this rank's blocks of it
-                each = tuple(lay.local(shape, self.tp, r)[pos] for r in range(len(lay.parts)))
-            elif lay is not None and lay.rep == 1:  # an offset or a piece's size: scaled by the rank's units
+            if lay is not None and lay.rep == 1:  # a size or an offset: one unit's, times the rank's units
                 each = tuple(self.consts[i][3] * p for p in lay.parts)
+            elif lay is not None and flat and pos < len(shape) and shape[pos] == g:  # KV heads held by several
+                each = tuple(lay.local(shape, self.tp, r)[pos] for r in range(len(lay.parts)))  # ranks: its blocks
             else:
                 raise NoRule(f"{n.name} ({n.target}): a size baked in where a group split unevenly meets it")
             self.consts[i] = (node, pos, g, each[0])
-            self.const_parts[node, pos] = each
+            self.const_parts[node, pos, g] = each
             self.const_split[node] = lay.parts
         self._pending = []
 

@@ -91,7 +91,7 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
     tp = a.plan.tp
     for n, pos, g, loc in a.shape_consts:
         if glob_of(Captured.owner(n)) == pattern:
-            each = a.const_parts.get((n, pos), (loc,) * tp)
+            each = a.const_parts.get((n, pos, g), (loc,) * tp)
             if min(each) > 0 and each not in ranks.setdefault(g, []):
                 ranks[g].append(each)
     mod = model.get_submodule(owners[0])
