@@ -87,6 +87,26 @@ def test_twelve_heads_at_tp5():
     assert got["transformer.h.*.attn.c_proj"].get("split") == "3,3,2,2,2"
 
 
+def test_gpt2_vocabulary_50257_is_split_not_replicated():
+    """GPT-2's 50257 rows at tp=2: the table and its tied head split 25129,25128, so each rank holds about half the
+    parameters (planned on the meta device, counted from the plan's own split of every parameter)."""
+    from autotp.split import split_of
+
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=50257, n_positions=64)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    plan = autotp.make_plan(model, 2)
+    got = lines(plan)
+    assert got["transformer.wte"].get("split") == "25129,25128" and got["transformer.wte"].style == "vocab", got
+    where = plan.resolve(dict(model.named_modules()).keys())
+    total = sum(p.numel() for p in model.parameters())
+    for rank in (0, 1):
+        held = sum(torch.Size(split_of(where.get(n.rpartition(".")[0]), n.rpartition(".")[2], 2)
+                              .local_shape(p.shape, rank)).numel() for n, p in model.named_parameters())
+        assert 0.49 < held / total < 0.52, (rank, held / total)
+
+
 def test_edited_split_is_checked():
     """A split the group does not share, or one naming another number of ranks, is refused naming the line."""
     model = llama()
