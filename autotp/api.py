@@ -46,6 +46,7 @@ def make_plan(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: 
     >>> plan = make_plan(MyModel(cfg), 2, example_inputs=(torch.randint(0, 100, (2, 16)),))  # doctest: +SKIP
     >>> plan.save("my_model.tp2.plan")  # doctest: +SKIP
     """
+    _check_args(model, tp, "make_plan")
     example_inputs = default_inputs(model, example_inputs)
     cuts = blocks.find_cuts(model) if reuse_blocks and tp > 1 else []
     plan = _plan_cut(model, tp, cuts, example_inputs=example_inputs, strict=strict) if cuts else None
@@ -112,8 +113,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
             blocked: dict[str, str] | None = None) -> Analysis:
     """make_plan, keeping the analysis (layouts per node) for checks and tests. ``blocked``: modules to keep
     whole, with the reason the plan gives."""
-    if tp < 1:
-        raise ValueError(f"tp must be >= 1, got {tp}")
+    _check_args(model, tp, "make_plan")
     example_inputs = default_inputs(model, example_inputs)
     c = capture(model, example_inputs)
     blocked = dict(blocked or {})
@@ -138,7 +138,7 @@ def analyse(model: nn.Module, tp: int, *, example_inputs: Any = None, strict: bo
             blocked.update(more)
 
 
-def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> Analysis:
+def check_plan(model: nn.Module, plan: Plan | str | Path, *, example_inputs: Any = None) -> Analysis:
     """Refuse ``plan`` if sharding ``model`` with it would change the model's numbers.
 
     Raises PlanMismatchError listing each offending line, why and the fix; returns the analysis
@@ -146,6 +146,8 @@ def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> A
 
     >>> check_plan(model, autotp.load_plan("edited.plan"))  # doctest: +SKIP
     """
+    _check_args(model, 1, "check_plan")
+    plan = load_plan(plan) if isinstance(plan, (str, Path)) else plan
     example_inputs = default_inputs(model, example_inputs)
     resolved = resolve(model, plan)
     c = capture(model, example_inputs)
@@ -168,6 +170,16 @@ def check_plan(model: nn.Module, plan: Plan, *, example_inputs: Any = None) -> A
         raise PlanMismatchError(f"this plan would not give the unsharded numbers on {type(model).__name__} at "
                                 f"tp={plan.tp}:\n  " + "\n  ".join(probs[:SHOWN]) + more)
     return a
+
+
+def _check_args(model: Any, tp: Any, fn: str) -> None:
+    """A model that is an ``nn.Module`` and a tp that is a positive int (``parallelize`` also takes None)."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"{fn}: model is {type(model).__name__}, not a torch.nn.Module. Fix: pass the module "
+                           f"(wrap a function in an nn.Module whose forward calls it)")
+    if tp is None and fn != "parallelize":
+        raise GroupError(f"{fn} needs tp, the number of ranks to plan for (e.g. {fn}(model, 2, ...))")
+    check_tp(tp)
 
 
 def _check_given(model: nn.Module, plan: Plan, example_inputs: Any) -> None:
@@ -195,7 +207,12 @@ def parallelize(model: nn.Module, tp: int | None = None, *, plan: Plan | str | P
     >>> model = autotp.parallelize(model, tp=2, example_inputs=(x,))  # doctest: +SKIP
     >>> y = model(x)  # same numbers as the unsharded model, on every rank  # doctest: +SKIP
     """
-    check_tp(tp)
+    _check_args(model, tp, "parallelize")
+    done = getattr(model, "_autotp_plan", None)
+    if done is not None and done.tp > 1:
+        raise PlanMismatchError(f"{type(model).__name__} is already parallelized (at tp={done.tp}): its layers hold "
+                                f"this rank's slices. Fix: use it as it is, or parallelize a fresh unsharded copy "
+                                f"(built, or loaded, before any parallelize)")
     if not dist.is_available() or not dist.is_initialized():
         if tp == 1 or (isinstance(plan, Plan) and plan.tp == 1):
             return model

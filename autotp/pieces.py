@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map_only
 
+from autotp.capture import source
 from autotp.capture.export import Call, meta_copy, split_inputs, to_meta
 from autotp.errors import CaptureError
 from autotp.plan import Entry, Plan, compress, summarize
@@ -137,7 +138,19 @@ def _record(model: nn.Module, example_inputs: Any) -> dict[str, Call]:
                 calls[name] = Call(to_meta(args), to_meta(kwargs))
         return hook
 
+    running: list[str] = []  # the modules in flight: where an exception leaves it, the one that failed
+
+    def enter(name: str):
+        def hook(_m, _args):
+            running.append(name)
+        return hook
+
+    def leave(_m, _args, _out):
+        running.pop()
+
     hooks = [m.register_forward_pre_hook(first_call(n), with_kwargs=True) for n, m in runner.named_modules()]
+    hooks += [h for n, m in runner.named_modules()
+              for h in (m.register_forward_pre_hook(enter(n)), m.register_forward_hook(leave))]
     modes = {m: m.training for m in runner.modules()}
     args, kwargs = split_inputs(inputs)
     try:
@@ -145,9 +158,12 @@ def _record(model: nn.Module, example_inputs: Any) -> dict[str, Call]:
         with torch.no_grad():
             runner(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - the model cannot even run eagerly
-        raise CaptureError(f"cannot plan {type(model).__name__}: it cannot be captured whole, and running it "
-                           f"eagerly on example_inputs to plan its modules one by one failed "
-                           f"({type(e).__name__}: {str(e)[:200]})") from e
+        where, line = (running[-1] if running else "") or "<root>", source.of_exception(e)
+        raise CaptureError(f"cannot plan {type(model).__name__}: it cannot be captured whole, and it fails when run "
+                           f"eagerly on example_inputs, in module '{where}'{source.at(line)} ({type(e).__name__}: "
+                           f"{str(e)[:200]}). Fix: make the model run on example_inputs: pass inputs that match its "
+                           f"forward (the shapes, dtypes and sizes its config expects), or correct "
+                           f"{'that line' if line else 'that module'}.") from e
     finally:
         for h in hooks:
             h.remove()

@@ -133,10 +133,13 @@ class Plan:
             hits = [m for m in names if rx.fullmatch(m)]
             if not hits:
                 near = _closest(e.path, sorted({glob_of(m) for m in names}) if "*" in e.path else names)
+                other = self.model and model_name != "the model" and self.model != model_name
                 raise PlanMismatchError(
-                    f"plan line {e.line or '?'}: '{e.path}' matches no module of {model_name}"
+                    (f"plan line {e.line}: " if e.line else "") + f"'{e.path}' matches no module of {model_name}"
+                    + (f" (the plan is for {self.model})" if other else "")
                     + (f" (closest: '{near}')" if near else "")
-                    + ". Fix: correct the path, or make a new plan with autotp.make_plan for this model.")
+                    + (f". Fix: make a plan for {model_name} with autotp.make_plan, or correct the path." if other
+                       else ". Fix: correct the path, or make a new plan with autotp.make_plan for this model."))
             for m in hits:
                 k = key(e, m)
                 if "*" in e.path and k in exact:

@@ -210,3 +210,19 @@ def split_of(entry: Entry | None, leaf: str, tp: int) -> Split:
         if leaf in (entry.get("row") or "").split(","):
             return Split(1 if in_out else 2, tp)
     return Split()
+
+
+def split_of_names(names: Sequence[str], lines: dict[str, Entry], tp: int) -> Split:
+    """The split of one tensor held under several names (a tied weight, a bias two modules hold): that of the
+    first name whose module's plan line shards it; every rank holds all of it where none does.
+
+    >>> lines = {"lm_head.decoder": Entry("lm_head.decoder", "colwise")}
+    >>> split_of_names(["lm_head.bias", "lm_head.decoder.bias"], lines, 2).dim
+    0
+    """
+    for n in names:
+        path, _, leaf = n.rpartition(".")
+        s = split_of(lines.get(path), leaf, tp)
+        if s.dim is not None:
+            return s
+    return Split()

@@ -14,7 +14,7 @@ from models import (GPT, AlibiNet, EinsumNet, GateTrap, GPTConfig, HeadsLastAtte
 import autotp
 from autotp.runtime import collectives
 from autotp.runtime.layers import ColumnParallelLinear, RowParallelLinear
-from autotp.split import split_of
+from autotp.split import split_of_names
 
 
 def build(name: str):
@@ -177,17 +177,21 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
         y.float().pow(2).mean().backward()
     bwd = counts["all_reduce.backward"]
     dense_params = dict(dense.named_parameters())
+    names: dict[int, list[str]] = {}  # a tensor under several names (tied): split by the line that shards it
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(pname)
     gdiff, pdiff = 0.0, 0.0
     for pname, p in model.named_parameters():  # each rank holds the slice autotp.split says, of weights and grads
-        path, _, leaf = pname.rpartition(".")
-        ref, split = dense_params[pname], split_of(lines.get(path), leaf, world)
+        ref, split = dense_params[pname], split_of_names(names[id(p)], lines, world)
         pdiff = max(pdiff, (p.detach() - split.take(ref.detach(), rank)).abs().max().item())
         if ref.grad is not None or p.grad is not None:
             gdiff = max(gdiff, (p.grad - split.take(ref.grad, rank)).abs().max().item())
     total = sum(p.numel() for p in dense.parameters())
     ideal = 0  # from the dense shapes and the plan text: what each rank should hold
-    for n, p in dense.named_parameters():
-        num, den = _held_fraction(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world, rank)
+    for ns in names.values():  # a tied tensor: held as the line that shards it says
+        p = dense_params[ns[0]]
+        num, den = min((_held_fraction(lines.get(n.rpartition(".")[0]), n.rpartition(".")[2], world, rank)
+                        for n in ns), key=lambda f: f[0] / f[1])
         ideal += p.numel() * num // den
     local = sum(p.numel() for p in model.parameters())
     allsame = torch.tensor([y.detach().double().sum().item()])  # every rank holds the same full output

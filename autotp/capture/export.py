@@ -64,6 +64,9 @@ def split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
+    if not isinstance(example_inputs, (tuple, list)):
+        raise CaptureError(f"example_inputs is {type(example_inputs).__name__} {str(example_inputs)[:60]!r}. Fix: pass "
+                           f"a tuple of positional args, e.g. example_inputs=(x,), a dict of keyword args, or one tensor")
     return tuple(example_inputs), {}
 
 

@@ -29,7 +29,8 @@ def _model_code(path: str) -> bool:
 
 
 def _fmt(path: str, line: int, code: str) -> str:
-    return f"{os.path.basename(path)}:{line}: {code.strip()}"
+    code = re.sub(r"\s+#[^'\"]*$", "", code.strip())  # a trailing comment (none inside a string) is not the code
+    return f"{os.path.basename(path)}:{line}: {code}"
 
 
 def of_node(node: Any) -> str | None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autotp.api import plan_for, shard
-from autotp.errors import CheckpointError, PlanMismatchError, RewriteError
+from autotp.errors import CheckpointError, PlanMismatchError, report
 from autotp.io.hf_model import build_empty, transformers_module
 from autotp.plan import Entry, Plan, load_plan
 from autotp.runtime import collectives
@@ -112,8 +112,9 @@ def _plan_reads(path: Path, tp: int, rank: int, group: Any, dtype: Any, plan: Pl
         split = agreed_split(names, lines, tp)
         want = split.local_shape(dense[names[0]], rank)  # uneven split=: this rank's share
         if tuple(t.shape) != want:
-            raise RewriteError(f"parameter '{names[0]}': the sharded model holds {list(t.shape)}, its plan line gives "
-                               f"{list(want)} of {list(dense[names[0]])}. Please report this with the plan file.")
+            raise report(f"loading {path.name} at tp={tp}: parameter '{names[0]}' of the sharded model holds "
+                         f"{list(t.shape)}, its plan line gives {list(want)} of {list(dense[names[0]])} (rank {rank})",
+                         None, plan=plan.to_text(), config=getattr(model, "config", None), model=model)
         reads.append(Read(t, names, keys[names[0]], index[keys[names[0]]], split, rank))
     return model, reads
 

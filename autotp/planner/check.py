@@ -17,7 +17,7 @@ import torch.fx as fx
 from autotp.capture.export import Captured
 from autotp.errors import ShardingError
 from autotp.plan import Entry, Plan, glob_of
-from autotp.planner.explain import describe
+from autotp.planner.explain import at_source, describe
 from autotp.planner.groups import Analysis
 from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.propagate import Propagation, producers
@@ -182,7 +182,8 @@ class _Checker:
         if lay is not None:
             head = f"{_which(e, s.module)}: '{glob_of(s.module)}' is {'colwise' if style == 'colwise' else 'kept whole'}" \
                 if e is not None else f"'{glob_of(s.module)}' has no plan line (kept whole)"
-            self.add(f"{head} but reads {self._from(s.node)}. Fix: make it rowwise to close that group, or replicate "
+            self.add(f"{head} but reads {self._from(s.node)}{at_source(s.node)}. Fix: make it rowwise to close that "
+                     f"group, or replicate "
                      f"the lines of that group")
             return None
         if style == "replicate" or e.get("gather") == "1":
@@ -244,26 +245,26 @@ class _Checker:
             return out
         except Need as e:
             others = ", ".join(dict.fromkeys(f"'{glob_of(p.module)}'" for p in producers(self.c, self.sites, e.value)))
-            self.add(f"{self._from(n)} meets a replicated value at {op_name(n)} in '{glob_of(self.c.owner(n))}', "
-                     f"which needs both sharded alike. Fix: "
+            self.add(f"{self._from(n)} meets a replicated value at {op_name(n)} in '{glob_of(self.c.owner(n))}'"
+                     f"{at_source(n)}, which needs both sharded alike. Fix: "
                      + (f"make {others} colwise too, or " if others else "") + "replicate the lines of that group")
         except Rep as e:
             site = next((s for s in self.sites.values() if s.node.name == e.root), None)
             m = site.module if site else e.root
             self.add(f"{_which(self.entry(m), m)}: its output has fewer heads than tp={self.plan.tp} ranks at "
-                     f"{op_name(n)} in '{glob_of(self.c.owner(n))}'. Fix: add rep={e.rep} (each head held by "
-                     f"{e.rep} ranks), or replicate that group")
+                     f"{op_name(n)} in '{glob_of(self.c.owner(n))}'{at_source(n)}. Fix: add rep={e.rep} (each head "
+                     f"held by {e.rep} ranks), or replicate that group")
         except NoRule as e:
             e.node = n
-            self.add(f"{self._from(n)} cannot go on sharded: {describe(self.c, e)}. Fix: close the group before "
-                     f"it with a rowwise line, or replicate the lines of that group")
+            self.add(f"{self._from(n)} cannot go on sharded: {describe(self.c, e, source=True)}. Fix: close the "
+                     f"group before it with a rowwise line, or replicate the lines of that group")
         return None
 
     def _segments(self) -> None:
         try:
             self.g.settle_segments()
         except NoRule as e:
-            self.add(f"{self._from(e.node)}: {describe(self.c, e)}. Fix: replicate that group")
+            self.add(f"{self._from(e.node)}: {describe(self.c, e, source=True)}. Fix: replicate that group")
             return
         for s in self.sites.values():
             e = self.entry(s.module)

@@ -50,16 +50,17 @@ def where(c: Captured, n: fx.Node) -> str:
 
 
 def indivisible_error(fails: list, tp: int) -> ShardingError:
-    """The error for groups whose sizes ``tp`` cannot split, evenly or in whole units: the sizes, the tp values that
-    divide every one of them, and the uneven splits tried."""
+    """The error for groups whose sizes ``tp`` cannot split, evenly or in whole units: the model's line that
+    failed, the sizes, the tp values that divide every one of them, and the uneven splits tried."""
     sizes = sorted({s for _, e in fails for s in e.sizes} | {x.out_features for cols, _ in fails for x in cols})
     most = math.gcd(*sizes)
     even = [t for t in range(2, most + 1) if most % t == 0]
     cols, e = fails[0]
     mods = ", ".join(sorted({glob_of(x.module) for x in cols}))
     tried = getattr(e, "tried", ())
+    line = at_source(e.node) if getattr(e, "node", None) is not None else ""
     return ShardingError(
-        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}. Sizes involved: {sizes}; tp values that divide "
+        f"tp={tp} cannot shard {mods}: {getattr(e, 'reason', e)}{line}. Sizes involved: {sizes}; tp values that divide "
         f"them all: {[1, *even]}"
         + (f"; split unevenly into {', '.join(map(str, tried))} whole units the group does not close either"
            if tried else "; no split into whole units gives each rank a part") + ". Fix: use a tp that divides "

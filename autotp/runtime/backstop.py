@@ -34,7 +34,7 @@ from autotp.plan import Entry, Plan, glob_of
 from autotp.planner.resolve import resolve
 from autotp.runtime import collectives
 from autotp.runtime.apply import apply_plan
-from autotp.split import split_of
+from autotp.split import split_of_names
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,13 @@ def check(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, examp
     names = list(ref.grads)
     # a gradient that is zero in exact arithmetic (a key bias under softmax) is noise: measured against this
     floor = 1e-3 * max((float(g.abs().max()) for g in ref.grads.values() if g.numel()), default=0.0)
+    aliases: dict[int, list[str]] = {}  # a tensor under several names: its split is that of the line sharding it
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    every = {ns[0]: ns for ns in aliases.values()}
     local = [_rel(got.outputs, ref.outputs)] + [_rel(got.ends.get(p, []), ref.ends[p]) for p in ref.order] + \
-        [_rel([got.grads[n]], [split_of(resolved.get(n.rpartition(".")[0]), n.rpartition(".")[2], tp)
-                               .take(ref.grads[n], rank)], floor) if n in got.grads else 0.0 for n in names]
+        [_rel([got.grads[n]], [split_of_names(every.get(n, [n]), resolved, tp).take(ref.grads[n], rank)], floor)
+         if n in got.grads else 0.0 for n in names]
     diffs = _worst_over_ranks(local, group, tp)  # every rank decides alike, whatever slice it holds
     out, ends_d = diffs[0], dict(zip(ref.order, diffs[1:1 + len(ref.order)]))
     grads = dict(zip(names, diffs[1 + len(ref.order):]))
@@ -99,7 +103,7 @@ def check(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, examp
         return
     what = f"outputs differ by {out:.1e} (relative)" if out > tol else \
         f"{len(bad)} gradients differ (e.g. '{next(iter(bad))}' by {next(iter(bad.values())):.1e} relative)"
-    blame = _blame(ref.order, ends_d, bad, resolved, tol)
+    blame = _blame(ref.order, ends_d, {a for n in bad for a in every.get(n, [n])}, resolved, tol)
     if blame is None:
         raise Mismatch({}, f"numerical check: the sharded model's {what}, and no group could be blamed")
     end, how = blame
@@ -174,7 +178,7 @@ def _rel(got: list[torch.Tensor], ref: list[torch.Tensor], floor: float = 0.0) -
     return worst
 
 
-def _blame(order: list[str], ends: dict[str, float], bad: dict[str, float], resolved: dict[str, Entry],
+def _blame(order: list[str], ends: dict[str, float], bad: set[str], resolved: dict[str, Entry],
            tol: float) -> tuple[str, str] | None:
     """(the end module of the group to blame, 'forward' or 'backward'): the first end whose output differs,
     else the last (in forward order) whose group's parameters' gradients differ."""

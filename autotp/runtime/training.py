@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from autotp.errors import GroupError, RankError
-from autotp.split import split_of
+from autotp.split import split_of_names
 
 
 def fingerprinted(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -109,11 +109,13 @@ def _grads_by_split(model: nn.Module, plan) -> tuple[list[tuple[torch.Tensor, in
     lines = plan.resolve(dict(model.named_modules()).keys(), type(model).__name__)
     sharded: list[tuple[torch.Tensor, int]] = []
     whole: list[torch.Tensor] = []
-    for name, p in _unique(model.named_parameters()):
+    names: dict[int, list[str]] = {}  # a tensor under several names: split by the line that shards it
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for _, p in _unique(model.named_parameters()):
         if p.grad is None:
             continue
-        path, _, leaf = name.rpartition(".")
-        split = split_of(lines.get(path), leaf, plan.tp)
+        split = split_of_names(names[id(p)], lines, plan.tp)
         if split.dim is None:
             whole.append(p.grad)
         else:
