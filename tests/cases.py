@@ -210,6 +210,21 @@ def measure(rank: int, world: int, model, dense, plan, run) -> dict:
         classes=type(model).__name__)
 
 
+def parallelize_and_measure(rank: int, world: int, model, x) -> dict:
+    """``parallelize(model, world)`` planned, proven and checked as a user calls it, then ``measure`` against a
+    dense copy on the capture inputs ``x`` (None: an HF model's own); its plan under "plan", or {"error": ...}."""
+    from autotp.capture.inputs import call, default_inputs, main_tensor
+
+    dense = copy.deepcopy(model)
+    try:
+        autotp.parallelize(model, world, example_inputs=x)
+    except autotp.AutoTPError as e:
+        return dict(error=f"{type(e).__name__}: {e}")
+    x = default_inputs(dense, x)
+    plan = model._autotp_plan
+    return dict(measure(rank, world, model, dense, plan, lambda m: main_tensor(call(m, x))), plan=plan)
+
+
 def bad_group_inputs(rank: int, world: int) -> dict:
     """Errors that need a live process group: tp != group size, a plan for another tp."""
     model, x = build("mlp")

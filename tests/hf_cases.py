@@ -37,36 +37,32 @@ def coverage(rank: int, world: int, names: list[str]) -> dict:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     out = {}
-    for i, name in enumerate(names):
+    for name in names:
         try:
-            out[name] = _one(rank, world, name, planner=i % world)
+            out[name] = _one(rank, world, name)
         except Exception as e:  # noqa: BLE001 - reported per architecture, the sweep goes on
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
     return out
 
 
-def _one(rank: int, world: int, name: str, planner: int = 0) -> dict:
-    """``planner``: the rank that plans afresh for the byte-identical check (the ranks take turns, so both
-    cores plan while the other waits)."""
+def _one(rank: int, world: int, name: str) -> dict:
+    """``parallelize`` plans the model itself (every rank, side by side); its plan must be byte-identical to the
+    one stored under plans/ (AUTOTP_REGEN=1: rank 0 writes it instead)."""
     model = build(name)
     dense = copy.deepcopy(model)
     path = plan_path(name, world)
-    regen = bool(os.environ.get("AUTOTP_REGEN"))  # then every rank uses its fresh plan and rank 0 writes it
-    stored = path.exists() and not regen  # nobody writes plans/ in this case: every rank sees the same
-    fresh = None
-    if rank == planner or not stored:  # one rank re-plans: the stored plan must be byte-identical
-        t0 = time.perf_counter()
-        fresh = autotp.make_plan(model, world)
-        plan_s = time.perf_counter() - t0
-        if rank == 0 and regen:
-            fresh.save(path)
-    plan = autotp.load_plan(path) if stored else fresh
-    model = autotp.parallelize(model, world, plan=plan, check=False)  # measured against the dense model below
+    regen = bool(os.environ.get("AUTOTP_REGEN"))
+    t0 = time.perf_counter()
+    model = autotp.parallelize(model, world, check=False)  # measured against the dense model below
+    plan_s = time.perf_counter() - t0
+    plan = model._autotp_plan
+    if rank == 0 and regen:
+        plan.save(path)
     kw = _inputs(model, batch=3, seq=11, seed=1)  # other shapes than the capture's (2 x 8)
     r = measure(rank, world, model, dense, plan, lambda m: main_tensor(m(**kw, use_cache=False)))
-    if rank == planner:  # a missing plan file fails the test: write it with AUTOTP_REGEN=1
-        r["plan_same"] = regen or stored and fresh.to_text() == path.read_text()
-        r["plan_s"] = plan_s
+    # a missing plan file fails the test: write it with AUTOTP_REGEN=1
+    r["plan_same"] = regen or path.exists() and plan.to_text() == path.read_text()
+    r["plan_s"] = plan_s
     r["optimum"] = optimum(model)
     r["sum_grad"] = sum(len(e.get("p").split(",")) for e in plan.resolve(dict(model.named_modules())).values()
                         if e.style == "sum_grad")

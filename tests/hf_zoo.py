@@ -80,7 +80,7 @@ ARCHS = [
 ARCHS_TP4 = ["llama", "llama_gqa", "qwen3", "gpt2", "opt", "falcon", "gptj", "bloom", "mpt", "bert", "bart"]
 # tp=3 subset: 4 heads, MLP width 128, 256 vocabulary rows, none divisible by 3: split unevenly (heads 2,1,1;
 # llama_gqa's 2 KV groups 1,1,2 with the first KV head on two ranks; the MLP in blocks of 8, 6,5,5; rows 86,85,85)
-ARCHS_TP3 = ["llama", "llama_gqa", "mistral", "qwen3", "gpt2", "gpt_neox", "opt", "phi3", "bert", "bart"]
+ARCHS_TP3 = ["llama_gqa", "qwen3", "gpt2", "phi3", "bert", "bart"]
 # sharded at the optimum: 2 all-reduces per block (3 per decoder block with cross-attention), vocabulary sharded
 OPTIMAL = set(ARCHS) - {"olmo2", "olmoe", "albert", "t5", "mt5", "electra", "diffllama"}
 # tried and not yet covered (the coverage script reports why)

@@ -107,25 +107,16 @@ NAMES = ["nn.Transformer", "branchy", "mask_in_forward", "mingpt_mask_buffer", "
 
 
 def pieces(rank: int, world: int) -> dict:
-    import copy
-
-    from cases import measure
-
-    import autotp
-    from autotp.capture.inputs import call, default_inputs, main_tensor
+    from cases import parallelize_and_measure
 
     out = {}
     for name in NAMES:
         model, x = build(name)
-        dense = copy.deepcopy(model)
-        try:
-            autotp.parallelize(model, world, example_inputs=x)
-        except autotp.AutoTPError as e:
-            out[name] = dict(error=f"{type(e).__name__}: {e}")
+        r = parallelize_and_measure(rank, world, model, x)
+        if "error" in r:
+            out[name] = r
             continue
-        x = default_inputs(dense, x)
-        plan = model._autotp_plan
-        r = measure(rank, world, model, dense, plan, lambda m: main_tensor(call(m, x)))
+        plan = r["plan"]
         out[name] = dict(out=r["out_diff"], scale=r["out_scale"], grad=r["grad_diff"] / r["grad_scale"],
                          sharded=sum(e.style in ("colwise", "rowwise", "vocab", "experts") for e in plan.entries),
                          plan=plan.to_text())
