@@ -115,7 +115,11 @@ def main() -> None:
               f"{e['fwd_ms'] / base['fwd_ms']:.3f}x and {e['gen_ms'] / base['gen_ms']:.3f}x.",
               f"- The largest rank at tp=2 holds {max(u['params']) / 1e6:.1f} M parameters, the smallest "
               f"{min(u['params']) / 1e6:.1f} M (of {base['params'] / 1e6:.1f} M): the uneven attention leaves rank 0 "
-              "the larger share, and a forward waits for it at every all-reduce.", ""]
+              "the larger share, and a forward waits for it at every all-reduce."]
+    if 3 > (os.cpu_count() or 1):
+        lines.append(f"- This machine has {os.cpu_count()} cores: at tp=3 the ranks share them, so tp=3's times are "
+                     "not the even split's own cost; compare tp=2 with tp=1 here.")
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     Path(a.out).write_text(text)
