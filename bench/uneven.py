@@ -100,7 +100,7 @@ def main() -> None:
              "vocabulary 49152 (tied), random weights (seed 0), fp32; one thread per rank",
              "- forward: batch 4 x 64 tokens; generate: batch 1, 16-token prompt, "
              f"{a.new_tokens} new tokens, greedy, KV cache; medians of {a.reps}, interleaved", "",
-             "| tp | uneven lines | forward ms | ratio to tp=1 | generate ms | ratio to tp=1 | ms / new token "
+             "| tp | uneven lines | forward ms | ratio to tp=1 | generate ms | ratio to tp=1 | generate ms / new tokens "
              "| params / rank (M) | tokens = tp=1 |", "|---|---|---|---|---|---|---|---|---|"]
     for tp, r in rows.items():
         params = r["params"] if isinstance(r["params"], list) else [r["params"]]
