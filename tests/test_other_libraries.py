@@ -37,14 +37,14 @@ def build(name: str):
     return m.eval(), dict(input_ids=torch.randint(0, 256, (2, 8)), use_cache=False)
 
 
-def others(rank: int, world: int) -> dict:
+def others(rank: int, world: int, names=("dit", "lora_llama")) -> dict:
     from cases import measure
 
     import autotp
     from autotp.capture.inputs import call, main_tensor
 
     out = {}
-    for name in ("dit", "lora_llama"):
+    for name in names:
         model, x = build(name)
         dense = copy.deepcopy(model)
         autotp.parallelize(model, world, example_inputs=x)
@@ -66,11 +66,28 @@ def results():
     return run_ranks(others, 2, timeout=300)
 
 
+@pytest.fixture(scope="module")
+def results_tp3():
+    return run_ranks(others, 3, ("lora_llama",), timeout=300)
+
+
 @pytest.mark.parametrize("name", ["dit", "lora_llama"])
 def test_exact(results, name):
     for r in results:
         got = r[name]
         assert got["out"] <= 1e-5 * max(1.0, got["out_scale"]) and got["grad"] <= 1e-6, got
+
+
+def test_lora_uneven(results_tp3):
+    """tp=3 divides none of the Llama's sizes: the base layers split unevenly, and the adapter whose output meets
+    the row layer's (down_proj's lora_B) is replicated for that reason, not refused for its 64 features."""
+    for r in results_tp3:
+        got = r["lora_llama"]
+        assert got["out"] <= 1e-5 * max(1.0, got["out_scale"]) and got["grad"] <= 1e-6, got
+    plan = results_tp3[0]["lora_llama"]["plan"]
+    line = next(x for x in plan.splitlines() if ".down_proj.lora_B.default " in x)
+    assert " replicate " in line and "no column projection produces it" in line, line
+    assert any(".down_proj.base_layer " in x and "split=" in x for x in plan.splitlines()), plan
 
 
 def test_what_is_sharded(results):

@@ -66,6 +66,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
     analysis = Analysis(Plan(tp, ()), committed, sites, lookups=lookups)
     segments: dict[str, list[int]] = {}
     indivisible: list[tuple[list[Site], NoRule]] = []
+    sized: set[fx.Node] = set()  # layers refused because tp does not divide a size
     all_reps: dict[str, int] = {}
     entered: dict[fx.Node, list[tuple[str, Shard]]] = {}  # committed Entering slices, as the grower reads them
     uneven: dict[fx.Node, tuple[tuple[int, ...], str]] = {}  # a group's first column -> (its split, why uneven)
@@ -81,7 +82,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             continue
         g, cols, rows, err, reps, new = _grow(c, sites, committed, roles, tp, entered, s, None)
         if err is not None and err.sizes and not _gathers(c, s, cols, sites, tp) \
-                and _structural_failure(c, sites, committed, roles, entered, cols, new) is None:
+                and _structural_failure(c, sites, committed, roles, entered, cols, new, sized) is None:
             found = _uneven(c, sites, committed, roles, tp, entered, s, err)  # whole units, split unevenly
             if found is not None:
                 uneven[s.node] = (found[0], getattr(err, "cause", None) or uneven_cause(c, err))
@@ -96,12 +97,13 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
                 split_of_node[s.node] = (balanced(s.out_features, tp), f"its {s.out_features} output features")
             continue
         if err is not None and err.sizes:  # tp does not divide a size: an error only if the group could close
-            structural = _structural_failure(c, sites, committed, roles, entered, cols, new)
+            structural = _structural_failure(c, sites, committed, roles, entered, cols, new, sized)
             err = structural or err
         if err is not None:
             why = describe(c, err)
             if err.sizes:
                 indivisible.append((cols, err))
+                sized.update(x.node for x in cols)
             for x in cols:
                 roles[x.node], reasons[x.node] = "replicate", f"sharding it would fail: {why}"
             continue
@@ -314,20 +316,29 @@ def _pullable(c: Captured, sites: dict, value: fx.Node, cols: list[Site], roles:
 
 
 def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, entered: dict, cols: list[Site],
-                        new: list) -> NoRule | None:
+                        new: list, sized: set) -> NoRule | None:
     """Why the group of ``cols`` cannot be sharded at any tp (grown at tp=1, where every size divides), or None
-    if only sizes may stand in its way. A classifier head whose output is the model's is then replicated for
+    if only sizes may stand in its way (``sized``: layers already refused for a size). A classifier head whose output is the model's is then replicated for
     what it is, not reported as a tp that does not divide its classes."""
     cols = list(cols)
     while True:
         try:
             rows = Propagation(c, sites, committed, roles, 1, {}, entered, new).grow(cols)
-        except Need as e:  # as the planner does: pull in the projections that produce the needed operand
+        except Need as e:  # as the planner does: pull in the projections that produce the needed operand,
             more = _pullable(c, sites, e.value, cols, roles, committed)
             if more:
                 cols += more
                 continue
-            return None  # an argument sliced on entry might serve: leave the verdict to the sizes
+            ent = entering(c, e.value, e.layout, e.node, 1)  # or slice a replicated argument as it enters
+            if ent is not None and ent not in new:
+                new = [*new, ent]
+                continue
+            if any(x.node in sized for x in producers(c, sites, e.value)):
+                return None  # its partner was refused for a size: so is this group
+            err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
+                         f"{op_name(e.node)}, and no column projection produces it")
+            err.node = e.node
+            return err
         except NoRule as e:
             if e.sizes:
                 return None
