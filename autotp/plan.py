@@ -22,6 +22,7 @@ STYLES = {
     "replicate": {"in", "out", "w", "rows", "dim"},  # every rank keeps the whole module
     "vocab": {"rows", "dim", "split"},  # an embedding table sharded by rows: each rank looks up its ids, one all-reduce
     "localize": {"split"},  # the module's forward uses local sizes for sharded dims (rewritten from its graph)
+    "global": set(),  # the module's forward (and all it calls) runs on DTensor activations, seeing global sizes
     "patch": None,  # set integer attributes to local values, e.g. n_head=6 (any attribute name)
     "sum_grad": {"p"},  # replicated parameters (p=weight,...) whose gradients are all-reduced in backward
     "slice": {"arg", "dim", "size", "merged"},  # a replicated argument (arg=name) each rank slices along dim
@@ -29,6 +30,7 @@ STYLES = {
     "experts": {"n", "col", "row", "w", "seg"},  # n experts' 3-D weights sliced in place: col=names by outputs
     # (seg: fused segments), row=names by inputs; f at the module's inputs, one all-reduce of its output
 }
+ROOT = "<root>"  # the path of the model itself (a 'global' or 'patch' line of the root module)
 # split=5,4 (colwise, rowwise, vocab, localize): an uneven split, when tp does not divide a size: every sharded
 # size of the group is cut into sum(split) whole units (heads, KV groups, blocks of features, rows) and rank r holds
 # split[r] of them. A patch value may be a per-rank list the same way (n_head=6,3).
@@ -72,7 +74,7 @@ class Plan:
         lines = [f"# autotp plan for {self.model or 'a model'} at tp={self.tp}. Edit freely: lines are",
                  "# <module path or glob>  <style> [key=value ...]  # reason",
                  "# styles: colwise (seg=fused segments, gather=1) | rowwise | vocab | experts | replicate | patch attr=N"
-                 " | localize | sum_grad p=.. | slice arg=..",
+                 " | localize | global | sum_grad p=.. | slice arg=..",
                  *(f"# {s}" for s in self.summary), FORMAT, f"tp {self.tp}"]
         if self.model:
             lines.append(f"model {self.model}")
@@ -90,7 +92,7 @@ class Plan:
     def from_text(cls, text: str, source: str = "<plan>") -> "Plan":
         tp, model, entries, summary, seen_format = None, "", [], [], False
         for no, raw in enumerate(text.splitlines(), 1):
-            body, _, reason = raw.partition("#")
+            body, reason = _comment(raw)
             body, reason = body.strip(), reason.strip()
             if not body:
                 continue
@@ -130,7 +132,7 @@ class Plan:
         exact = {key(e, e.path) for e in mine if "*" not in e.path}
         for e in mine:
             rx = glob_regex(e.path)
-            hits = [m for m in names if rx.fullmatch(m)]
+            hits = [""] if e.path == ROOT else [m for m in names if rx.fullmatch(m)]
             if not hits:
                 near = _closest(e.path, sorted({glob_of(m) for m in names}) if "*" in e.path else names)
                 other = self.model and model_name != "the model" and self.model != model_name
@@ -145,7 +147,7 @@ class Plan:
                 if "*" in e.path and k in exact:
                     continue  # an exact line overrides a glob
                 if k in out and not ("*" in out[k].path and "*" not in e.path):
-                    raise PlanMismatchError(f"plan lines {out[k].line} and {e.line} both match module '{m}'"
+                    raise PlanMismatchError(f"plan lines {out[k].line} and {e.line} both match module '{m or ROOT}'"
                                             f" ('{out[k].path}' {out[k].style} vs '{e.path}' {e.style}); keep one")
                 out[k] = e
         return out
@@ -156,6 +158,11 @@ class Plan:
 
 def glob_regex(pattern: str) -> re.Pattern:
     return re.compile(r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")))
+
+
+def line_path(module: str) -> str:
+    """The path a plan line gives ``module``: its dotted name, ``<root>`` for the model itself."""
+    return module or ROOT
 
 
 def glob_of(path: str) -> str:
@@ -233,6 +240,13 @@ def summarize(groups: int, rows: int, vocab: int, gathers: int, partial: int) ->
     return out
 
 
+def _comment(raw: str) -> tuple[str, str]:
+    """A line's body and its comment: from a ``#`` that starts the line or follows a space (``group=<root>#2``
+    names the second group of a module, it is no comment)."""
+    m = re.search(r"(^|\s)#", raw)
+    return (raw, "") if m is None else (raw[:m.start()], raw[m.end():])
+
+
 def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) -> Entry:
     where = f"{source}:{no}: '{raw.strip()}'"
     if len(words) < 2:
@@ -242,8 +256,9 @@ def _parse_entry(words: list[str], reason: str, source: str, no: int, raw: str) 
         near = _closest(style, list(STYLES))
         raise PlanFormatError(f"{where}: unknown style '{style}'" + (f" (did you mean '{near}'?)" if near else "")
                               + f"; use one of {', '.join(sorted(STYLES))}")
-    if not re.fullmatch(r"[A-Za-z0-9_*]+(\.[A-Za-z0-9_*]+)*", path):
-        raise PlanFormatError(f"{where}: '{path}' is not a module path (dot-separated names, '*' for one part)")
+    if path != ROOT and not re.fullmatch(r"[A-Za-z0-9_*]+(\.[A-Za-z0-9_*]+)*", path):
+        raise PlanFormatError(f"{where}: '{path}' is not a module path (dot-separated names, '*' for one part, "
+                              f"'{ROOT}' for the model itself)")
     params = []
     for kv in words[2:]:
         k, eq, v = kv.partition("=")

@@ -37,9 +37,9 @@ def build(name: str):
         return MHAViT(), torch.randn(3, 6, 48)
     if name == "last_block_differs":  # the parent's loop reads the last block's up itself: that block replicated
         return LastBlockDiffers(), torch.randn(3, 5, 32)
-    if name == "root_heads":  # the root's own attribute in its reshape: kept whole (no patch of the root yet)
+    if name == "root_heads":  # the root's own attribute in its reshape: the root patched
         return RootHeads(), torch.randn(3, 5, 32)
-    if name == "scale_from_size":  # a Python scale from a sharded size: the translation check refuses it
+    if name == "scale_from_size":  # a Python scale from a sharded size: the module runs on DTensors ('global')
         return Nested(ScaleFromSize()), torch.randn(3, 5, 32)
     if name == "heads_last":  # heads laid out last: v alone could be sharded, but the probabilities need grads
         return HeadsLastAttention(), torch.randn(3, 5, 32)

@@ -25,6 +25,7 @@ CHOICES = {
     "last_differs": [False, True],     # the loop reads the last block's up projection itself
     "causal": [False, True],           # a mask made in forward
     "custom_grad": [False, True],      # the MLP's hidden features pass a Function whose backward mixes them
+    "branch": [False, True],           # the mask only where T > 1: a Python branch on a size (no fx trace)
 }
 
 
@@ -97,7 +98,8 @@ class FuzzBlock(nn.Module):
         q, k, v = (self._split_heads(t, B, T) for t in (q, k, v))
         if self.ch["qk_norm"]:
             q, k = self.q_norm(q), self.k_norm(k)
-        mask = torch.ones(T, T, dtype=torch.bool, device=h.device).tril() if self.ch["causal"] else None
+        causal = self.ch["causal"] and (T > 1 if self.ch.get("branch") else True)
+        mask = torch.ones(T, T, dtype=torch.bool, device=h.device).tril() if causal else None
         if self.ch["scale"] == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:

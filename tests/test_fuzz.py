@@ -60,7 +60,8 @@ def run_examples(rank: int, world: int, examples: list) -> list:
                         x_grad=(x1.grad - x2.grad).abs().max().item(), grad=gdiff,
                         grad_scale=max(p.grad.abs().max().item() for p in dense.parameters() if p.grad is not None),
                         sharded=sum(1 for e in plan.entries if e.style in ("colwise", "rowwise")),
-                        tried=sum(1 for e in plan.entries if e.reason.startswith("numerical check"))))
+                        tried=sum(1 for e in plan.entries if e.reason.startswith("numerical check")),
+                        dtensor=sum(1 for e in plan.entries if e.style == "global")))
     return out
 
 

@@ -13,7 +13,7 @@ from cases import CASES, parity  # noqa: E402
 EXPECTED = {"nanogpt": 4, "llama_gqa": 4, "llama_kv2": 4, "einsum": 2, "mlp": 2, "alibi": 2, "alibi_merged": 2,
             "trap_norm": 0, "trap_residual": 0, "trap_twice": 0, "trap_reduce": 0, "torch_encoder": 2, "mha_vit": 2,
             "last_block_differs": 4, "heads_last": 0, "trap_gate": 0,
-            "root_heads": 0, "scale_from_size": 0}
+            "root_heads": 1, "scale_from_size": 1}
 
 
 LM = {"nanogpt", "llama_gqa", "llama_kv2"}  # token embedding + LM head: vocabulary-sharded

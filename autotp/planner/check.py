@@ -126,6 +126,7 @@ class _Checker:
         self._vocab_lines(by_lookup.values())
         self._segments()
         self._tied()
+        self._global_lines()
         if not self.problems:  # a wrong group also makes gradients partial: report the cause only
             self._sum_grads()
         return Analysis(self.plan, self.g.tent, self.sites, self.g.consts, lookups=self.lookups)
@@ -281,6 +282,29 @@ class _Checker:
                          "the model never splits its output into pieces") + f", the line says seg={have or 'none'}: "
                          f"ranks would hold other slices than the layers after it expect. Fix: {fix}")
 
+    def _globals(self) -> list[str]:
+        return [p for p, e in self.resolved.items() if e.style == "global"]
+
+    def _global_lines(self) -> None:
+        """Inside a 'global' module the code sees global sizes and DTensor sums partial gradients: a line that
+        rewrites sizes or sums a gradient there would do it twice; a split or a sliced argument has no DTensor."""
+        outer = self._globals()
+        for path, e in self.resolved.items():
+            mine = [g for g in outer if inside(path, g) and (e.style != "global" or g != path)]
+            if not mine:
+                continue
+            g = glob_of(mine[0]) or "<root>"
+            if e.style in ("patch", "localize", "sum_grad", "global"):
+                self.add(f"{_which(e, path)}: '{glob_of(path) or '<root>'}' {e.style} lies inside '{g}', a global "
+                         f"module, whose code sees global sizes and whose gradients DTensor sums. Fix: drop the line")
+            elif e.get("split") or e.get("rep"):
+                self.add(f"{_which(e, path)}: '{glob_of(path)}' inside the global module '{g}' is split unevenly or "
+                         f"held by several ranks, which DTensor cannot express. Fix: drop the 'global' line, or "
+                         f"replicate the group")
+        for key in self.slices:
+            if any(inside(key.rpartition(":")[0], g) for g in outer):
+                self.add(f"'{key}' slice lies inside a global module, whose code sees global sizes. Fix: drop it")
+
     def _sum_grads(self) -> None:
         sharded = set()
         for s in self.sites.values():
@@ -299,6 +323,9 @@ class _Checker:
         for path, e in self.resolved.items():
             if e.style == "sum_grad":
                 have[path] = (e, set(e.get("p", "").split(",")))
+        outer = self._globals()
+        need = {m: v for m, v in need.items() if not any(inside(m, g) for g in outer)}  # DTensor sums those
+        have = {m: v for m, v in have.items() if not any(inside(m, g) for g in outer)}  # (reported above)
         for mod, names in need.items():
             missing = [p for p in names if p not in have.get(mod, (None, set()))[1]]
             if missing:

@@ -19,6 +19,7 @@ from autotp.capture.export import Captured
 from autotp.plan import Entry, Plan, common_path, compress, glob_of, summarize
 from autotp.planner.explain import describe, indivisible_error, where
 from autotp.planner.layouts import Need, NoRule, Rep, Shard
+from autotp.planner.lines import experts_entry, vocab_reason
 from autotp.planner.propagate import Propagation, at_node, producers
 from autotp.planner.sites import Lookup, Site, find_lookups, find_sites, op_name, partial_grads
 from autotp.planner.slicing import entering
@@ -133,7 +134,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             group_of[x.node] = gid
     if strict and indivisible:
         raise indivisible_error(indivisible, tp)
-    vocab = {lk.node: _vocab_reason(lk, roles, tp) for lk in lookups}
+    vocab = {lk.node: vocab_reason(lk, roles, tp) for lk in lookups}
     sharded = [p for s in sites.values() if roles.get(s.node) in ("colwise", "rowwise", "gather")
                for p in (s.weight, s.bias) if p] + [lk.weight for lk in lookups if vocab[lk.node] is None]
     partial = partial_grads(c, committed, {a for p in sharded for a in c.aliases.get(p, (p,))})
@@ -143,7 +144,7 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
             continue
         seen.add(s.module)
         if s.experts:
-            entries.append(_experts_entry(s, sites, roles, reasons, segments, tp))
+            entries.append(experts_entry(s, sites, roles, reasons, segments, tp))
             continue
         style = roles.get(s.node, "replicate")
         reason = reasons.get(s.node, "its input is already sharded" if tp > 1 else "tp=1")
@@ -221,9 +222,7 @@ def _grow(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, enter
             if ent is not None and ent not in new:
                 new.append(ent)
                 continue
-            err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
-                         f"{op_name(e.node)}, and no column projection produces it")
-            err.node = e.node
+            err = _unproduced(c, e)
         except Rep as e:
             if e.root not in reps:
                 reps[e.root] = e.rep
@@ -233,6 +232,13 @@ def _grow(c: Captured, sites: dict, committed: dict, roles: dict, tp: int, enter
             err = e
         break
     return g, cols, rows, err, reps, new
+
+
+def _unproduced(c: Captured, e: Need) -> NoRule:
+    err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for {op_name(e.node)}, and no "
+                 f"column projection produces it")
+    err.node = e.node
+    return err
 
 
 def _widths(cols: list[Site], tp: int, units: int, reps: dict, parts) -> None:
@@ -318,8 +324,8 @@ def _pullable(c: Captured, sites: dict, value: fx.Node, cols: list[Site], roles:
 def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, entered: dict, cols: list[Site],
                         new: list, sized: set) -> NoRule | None:
     """Why the group of ``cols`` cannot be sharded at any tp (grown at tp=1, where every size divides), or None
-    if only sizes may stand in its way (``sized``: layers already refused for a size). A classifier head whose output is the model's is then replicated for
-    what it is, not reported as a tp that does not divide its classes."""
+    if only sizes may stand in its way (``sized``: layers already refused for a size). A classifier head whose
+    output is the model's is then replicated for what it is, not reported as a tp that does not divide its classes."""
     cols = list(cols)
     while True:
         try:
@@ -335,14 +341,9 @@ def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, 
                 continue
             if any(x.node in sized for x in producers(c, sites, e.value)):
                 return None  # its partner was refused for a size: so is this group
-            err = NoRule(f"{where(c, e.value)} would have to be sharded on dim {e.layout.dim} for "
-                         f"{op_name(e.node)}, and no column projection produces it")
-            err.node = e.node
-            return err
+            return _unproduced(c, e)
         except NoRule as e:
-            if e.sizes:
-                return None
-            return e
+            return None if e.sizes else e
         except Rep:
             return None
         break
@@ -351,26 +352,6 @@ def _structural_failure(c: Captured, sites: dict, committed: dict, roles: dict, 
     e = NoRule("no row projection closes the group")
     e.node = cols[0].node
     return e
-
-
-def _experts_entry(s: Site, sites: dict, roles: dict, reasons: dict, segments: dict, tp: int) -> Entry:
-    """One line for an experts module: its grouped weights sliced in place (col: outputs, row: inputs)."""
-    mine = [x for x in sorted(sites.values(), key=lambda x: x.node.name) if x.module == s.module]
-    cols = [x for x in mine if roles.get(x.node) == "colwise"]
-    rows = [x for x in mine if roles.get(x.node) == "rowwise"]
-    if not cols or not rows:
-        why = next((reasons[x.node] for x in mine if x.node in reasons), "its input is already sharded"
-                   if tp > 1 else "tp=1")
-        return Entry(s.module, "replicate", (), why)
-    leaf = lambda x: x.weight.rpartition(".")[2]  # noqa: E731
-    params = [("n", str(s.experts)), ("col", ",".join(map(leaf, cols))), ("row", ",".join(map(leaf, rows))),
-              ("w", "in_out" if s.in_out else "out_in")]
-    seg = segments.get(cols[0].node.name)
-    if len(cols) == 1 and seg and len(seg) > 1:
-        params.append(("seg", ",".join(map(str, seg))))
-    return Entry(s.module, "experts", tuple(params),
-                 f"{s.experts} experts, each one's hidden features sharded in place; inputs get f, "
-                 f"the output one all-reduce")
 
 
 def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bool:
@@ -389,18 +370,3 @@ def _gathers(c: Captured, s: Site, cols: list[Site], sites: dict, tp: int) -> bo
             return False
         stack.extend(n.users)
     return any(n.op == "output" for n in seen)
-
-
-def _vocab_reason(lk: Lookup, roles: dict, tp: int) -> str | None:
-    """None if the lookup's table is sharded by rows, else why it stays replicated."""
-    if tp == 1:
-        return "tp=1"
-    if lk.blocker:
-        return lk.blocker
-    if lk.tied is not None and roles.get(lk.tied.node) not in ("colwise", "gather"):
-        return f"its table is tied to '{lk.tied.module}', which is replicated"
-    if not lk.from_input and lk.tied is None:
-        return "its ids are computed (positions), not read from the model's inputs"
-    if lk.rows < tp:
-        return f"{lk.rows} rows are fewer than tp={tp} ranks"
-    return None

@@ -1,5 +1,6 @@
 """Apply a plan: the only place that mutates a model. Swaps planned modules for sharded layers, slices arguments
-as they enter modules, patches integer attributes, sums partial gradients, localizes forwards."""
+as they enter modules, patches integer attributes, sums partial gradients, localizes forwards, runs 'global'
+modules on DTensor activations."""
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,10 @@ from autotp.capture.export import capture, meta_copy
 from autotp.errors import PlanMismatchError, RewriteError
 from autotp.plan import Entry, Plan
 from autotp.planner.resolve import resolve, resolve_slices
+from autotp.planner.slicing import inside
 from autotp.runtime import collectives
 from autotp.runtime.fg import CopyCache
+from autotp.runtime.globalview import GlobalView
 from autotp.runtime.layers import ColumnParallelLinear, ExpertsShard, InputSlice, RowParallelLinear, VocabShard
 from autotp.runtime.localize import install, trace_localized
 from autotp.split import parts_of
@@ -183,7 +186,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
                 graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], share)
             except Exception as e:  # noqa: BLE001 - named by module, for the plan check to replicate its groups
                 err = e if isinstance(e, RewriteError) else RewriteError(
-                    f"module '{p}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
+                    f"module '{p or '<root>'}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
                 err.module = p
                 raise err from e
@@ -191,9 +194,17 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
                 for x in (mod, local, dense.get_submodule(p)):
                     x.train(was)
         install(mod, graphs)
+    for p in global_modules(resolved):
+        GlobalView(model.get_submodule(p), group=group, rank=rank, tp=tp)
     if group is not collectives.NO_COMM:  # its root forwards numbered: how the transport tells ranks out of step
         model.register_forward_pre_hook(collectives.epoch_of(group))
     return model
+
+
+def global_modules(resolved: dict[str, Entry]) -> list[str]:
+    """The modules of 'global' lines, outermost only (what a global module calls runs on DTensors already)."""
+    paths = sorted(p for p, e in resolved.items() if e.style == "global")
+    return [p for p in paths if not any(inside(p, q) for q in paths if q != p)]
 
 
 def share_of(e: Entry, rank: int, tp: int) -> tuple[int, int]:

@@ -136,7 +136,7 @@ def _run(model: nn.Module, inputs: Any, ends: list[str]) -> _Run:
         def hook(_m, _a, out, path=path):
             t = _floats(out)
             if t:
-                r.ends.setdefault(path, []).append(t[0].detach().clone())
+                r.ends.setdefault(path, []).append(_plain(t[0]).detach().clone())
                 if path not in r.order:
                     r.order.append(path)
         hooks.append(model.get_submodule(path).register_forward_hook(hook))
@@ -154,6 +154,11 @@ def _run(model: nn.Module, inputs: Any, ends: list[str]) -> _Run:
         gs = torch.autograd.grad(live, [p for _, p in named], cot, allow_unused=True)
         r.grads = {n: g.detach() for (n, _), g in zip(named, gs) if g is not None}
     return r
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A layer's output as a plain tensor (inside a 'global' module it is a replicated DTensor)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _floats(out: Any) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from autotp.runtime.transports import buffers
 
@@ -75,9 +76,28 @@ def counting() -> Iterator[Counter]:
     c: Counter = Counter()
     _COUNTING.append(c)
     try:
-        yield c
+        with _FunctionalCounts() if DTENSOR_MODULES and len(_COUNTING) == 1 else contextlib.nullcontext():
+            yield c
     finally:
         _COUNTING.remove(c)
+
+
+DTENSOR_MODULES: list[Any] = []  # 'global' modules installed in this process: their DTensors communicate too
+_FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+               "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+
+
+class _FunctionalCounts(TorchDispatchMode):
+    """Counts the functional collectives DTensor issues for a 'global' module's redistributions (in forward and,
+    inside the autograd engine, in backward), beside autotp's own, which never take this path in eager code."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = _FUNCTIONAL.get(func._opname) if func.namespace == "_c10d_functional" else None
+        if kind is not None and isinstance(out, torch.Tensor):
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+            _count(kind, phase, out.numel() * out.element_size())
+        return out
 
 
 def _count(kind: str, phase: str, nbytes: int) -> None:

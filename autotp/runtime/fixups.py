@@ -8,9 +8,10 @@ from typing import Any
 import torch.nn as nn
 
 from autotp.capture.export import Captured
-from autotp.plan import Entry, compress, glob_of, varying_glob
+from autotp.plan import ROOT, Entry, compress, glob_of, glob_regex, line_path, varying_glob
 from autotp.planner.groups import Analysis
 from autotp.planner.resolve import patchable
+from autotp.planner.slicing import inside
 from autotp.runtime.verify import verify
 
 
@@ -25,8 +26,10 @@ class Unproven(Exception):
 def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -> Analysis:
     """Prove ``a``'s plan on a meta copy rewritten at local shapes (``verify``: same ops, the planned local shapes,
     the same plain numbers). Sizes baked into reshapes outside the swapped layers get a ``patch`` of integer
-    attributes that makes every local shape agree, else a ``localize`` line; what still disagrees raises
-    ``Unproven``, for the caller to replicate those groups."""
+    attributes that makes every local shape agree, else a ``localize`` line; a module whose code still computes
+    other sizes or numbers (a head count of the root module, a scale from ``q.size(-1)``) gets a ``global`` line:
+    it runs on DTensor activations, at global sizes. What still disagrees raises ``Unproven``, for the caller to
+    replicate those groups."""
     if not a.groups:
         return a
     problems = verify(model, a, c, example_inputs)
@@ -36,10 +39,8 @@ def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -
     owners = []
     for n, _, _, _ in a.shape_consts:
         o = Captured.owner(n)
-        if o and o not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
+        if o is not None and o not in swapped and o not in owners and not any(o.startswith(s) for s in _concrete(a)):
             owners.append(o)
-    if not owners:
-        raise Unproven(problems)
     entries = list(a.entries)
     for pattern in dict.fromkeys(glob_of(o) for o in owners):
         mine = [o for o in owners if glob_of(o) == pattern]
@@ -49,15 +50,60 @@ def fix_sizes(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any) -
             continue
         split = next((",".join(map(str, a.const_split[n])) for n, *_ in a.shape_consts
                       if n in a.const_split and Captured.owner(n) in mine), None)
-        entries += [Entry(o, "localize", (("split", split),) if split else (),
+        entries += [Entry(line_path(o), "localize", (("split", split),) if split else (),
                           "sizes along sharded dims are baked into its reshapes; its forward is rewritten to local "
                           "sizes") for o in mine]
-    a.entries = entries
-    a.plan = a.plan.with_entries(compress(entries, a.modules or None))
-    again = verify(model, a, c, example_inputs)
+    again = _set(model, a, c, example_inputs, entries) if owners else problems
+    tried: set[str] = set()
+    while again:  # the DTensor route, module by module where the problems show (outermost first)
+        new = [o for o in dict.fromkeys(o for o, _, _ in again) if o is not None and o not in swapped
+               and o not in tried and not any(inside(o, t) for t in tried)]
+        if not new:
+            break
+        tried.update(new)
+        why = again[0][1].split(" Fix:")[0].split(" at local shapes")[0][:200]
+        entries = _with_global(entries, new, a, f"its code computes with sizes along sharded dims that no rewrite "
+                                                f"keeps local ({why}): it runs on DTensor activations, at global sizes")
+        if entries is None:
+            break
+        again = _set(model, a, c, example_inputs, entries)
     if again:
         raise Unproven(again)
     return a
+
+
+def _set(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any, entries: list[Entry]) -> list:
+    a.entries = entries
+    a.plan = a.plan.with_entries(compress(entries, a.modules or None))
+    return verify(model, a, c, example_inputs)
+
+
+def _with_global(entries: list[Entry], modules: list[str], a: Analysis, why: str) -> list[Entry] | None:
+    """``entries`` with ``global`` lines for ``modules`` (every block alike: the instances of their globs), and
+    without the lines a global module replaces inside it (patch, localize, sum_grad: DTensor sums a partial
+    gradient itself); None where a line inside cannot run on DTensors (an uneven split, heads held by several
+    ranks, an argument sliced on entry)."""
+    every = [n for n in (a.modules or []) if any(glob_of(n) == glob_of(m) for m in modules)] or modules
+    outer = [m for m in dict.fromkeys(every) if not any(inside(m, o) for o in every if o != m)]
+
+    def under(path: str) -> bool:
+        if path == ROOT:
+            return "" in outer
+        rx = glob_regex(path)
+        return any(inside(m, o) for o in outer for m in [path, *(n for n in a.modules or [] if rx.fullmatch(n))])
+
+    kept = []
+    for e in entries:
+        if not under(e.path) or e.style in ("replicate", "global"):
+            kept.append(e)
+        elif e.style in ("patch", "localize", "sum_grad"):
+            continue
+        elif e.style == "slice" or e.get("split") or e.get("rep"):
+            return None
+        else:
+            kept.append(e)
+    kept = [e for e in kept if not (e.style == "global" and any(inside(e.path, o) and e.path != o for o in outer))]
+    return kept + [Entry(line_path(o), "global", (), why) for o in outer]
 
 
 def unproven_layers(a: Analysis, problems: list[tuple[str | None, str, Any]]) -> dict[str, str]:
@@ -107,7 +153,7 @@ def _find_patch(model: nn.Module, a: Analysis, c: Captured, example_inputs: Any,
                 opts.append(tuple(v * x // g for x in each))
         cands += [(k, o) for o in dict.fromkeys(opts) if o != (v,) * tp]
     cands.sort(key=lambda kv: (ints[kv[0]] not in ranks, kv[0].count("."), kv[0]))
-    path = (varying_glob(owners) or pattern) if len(owners) > 1 else owners[0]  # names no other module
+    path = line_path((varying_glob(owners) or pattern) if len(owners) > 1 else owners[0])  # names no other module
 
     def said(each: tuple[int, ...]) -> str:
         return str(each[0]) if len(set(each)) == 1 else ",".join(map(str, each))

@@ -57,6 +57,7 @@ class ColumnParallelLinear(_ParallelLinear):
     rep = 1
     gather = False  # all-gather the output (an LM head: every rank gets the full logits)
     widths: tuple[int, ...] | None = None  # uneven split: every rank's output width, in rank order
+    segments: list[int] | None = None  # fused outputs (q|k|v), each segment sharded: their global widths
 
     @classmethod
     def from_dense(cls, weight: nn.Parameter, bias: nn.Parameter | None, *, in_out: bool, rank: int, tp: int,
@@ -77,6 +78,7 @@ class ColumnParallelLinear(_ParallelLinear):
             b = shard_tensor(bias.detach(), 0, block, blocks, seg, parts) if bias is not None else None
         layer = cls(_param(w, weight), _param(b, bias) if b is not None else None,
                     in_out=in_out, group=group, tp=tp, rank=rank)
+        layer.segments = list(seg) if seg else None
         if parts is not None:
             split, size = Split(0, tp, rep, seg, parts), weight.shape[dim]
             layer.parts = parts
@@ -185,6 +187,7 @@ class VocabShard:
         self._mask: list[torch.Tensor] = []
         module.register_forward_pre_hook(self._before, with_kwargs=True)
         module.register_forward_hook(self._after)
+        module._autotp_sharded = True  # its parameters are this rank's slices (a global module leaves them be)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
         if args:
@@ -265,6 +268,7 @@ class ExpertsShard:
         module._autotp_experts = sliced
         module.register_forward_pre_hook(self._before, with_kwargs=True)
         module.register_forward_hook(self._after)
+        module._autotp_sharded = True  # its parameters are this rank's slices (a global module leaves them be)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict):
         if self.tp == 1 or self.group is NO_COMM:
