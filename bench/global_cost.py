@@ -67,6 +67,7 @@ def measure(rank: int, world: int, d: int, layers: int, reps: int) -> dict:
     import autotp
 
     torch.set_num_threads(1)
+    torch.manual_seed(1)  # the same inputs on every rank
     shapes = {"prefill (4 x 64 tokens)": torch.randn(4, 64, d), "one token (1 x 1)": torch.randn(1, 1, d)}
     models, styles = {}, {}
     for name, branch in (("global", True), ("localize", False)):

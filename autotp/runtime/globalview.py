@@ -60,7 +60,7 @@ class GlobalView:
         self.params = [n for n, p in module.named_parameters(remove_duplicate=False) if id(p) not in owned]
         self.active = False
         self.depth = 0  # inside a sharded layer: its own local tensors
-        self.locals: dict[int, torch.Tensor] = {}  # one local tensor per replicated DTensor: columns share their f
+        self.locals: dict[int, tuple] = {}  # replicated DTensor -> its local tensor: the columns reading it share f
         for m in self.inner.values():
             m.register_forward_pre_hook(self._enter_layer, prepend=True)
             m.register_forward_hook(self._leave_layer)
@@ -80,6 +80,8 @@ class GlobalView:
             return None
         style = getattr(layer, "style", None)
         self.depth += 1
+        if style == "rowwise":  # a group closes: the columns that read a tensor have taken it
+            self.locals.clear()
         return tuple(self._to_local(a, style == "rowwise") for a in args)
 
     def _to_local(self, x: Any, sharded: bool) -> Any:
@@ -94,9 +96,10 @@ class GlobalView:
             return x.narrow(-1, 0, d)
         if sharded:
             return x.redistribute(placements=[Shard(x.dim() - 1)]).to_local()
-        if id(x) not in self.locals:
-            self.locals[id(x)] = x.redistribute(placements=[Replicate()]).to_local()
-        return self.locals[id(x)]
+        held = self.locals.get(id(x))
+        if held is None or held[0] is not x:  # (the DTensor is held too: its id cannot be reused meanwhile)
+            held = self.locals[id(x)] = (x, x.redistribute(placements=[Replicate()]).to_local())
+        return held[1]
 
     def _leave_layer(self, layer: nn.Module, args: tuple, out: Any) -> Any:
         if not self.active:
