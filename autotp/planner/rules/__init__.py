@@ -62,13 +62,12 @@ RULES: dict[Any, Callable[[Ctx, fx.Node], Any]] = {
     aten.einsum.default: einsum, aten.scaled_dot_product_attention.default: sdpa,
     aten.linear.default: linear_act,
 }
-for _op in (aten.dropout.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
-            aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.alias.default,
-            aten.detach.default, aten.lift_fresh_copy.default, aten.feature_dropout.default,
-            aten.alpha_dropout.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-    RULES[_op] = elementwise if _op in (aten.masked_fill.Scalar, aten.masked_fill.Tensor) else unary
-for _op in (aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar):  # pointwise, but not tagged so
-    RULES[_op] = elementwise
+RULES.update(dict.fromkeys((aten.dropout.default, aten.clone.default, aten.contiguous.default, aten._to_copy.default,
+                             aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+                             aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+                             aten.feature_dropout.default, aten.alpha_dropout.default), unary))
+RULES.update(dict.fromkeys((aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.ScalarOther,
+                             aten.where.ScalarSelf, aten.where.Scalar), elementwise))  # pointwise, not tagged so
 RULES.update({
     aten.reshape_as.default: along.reshape_as, aten.view_as.default: along.reshape_as,
     aten.expand_as.default: elementwise,  # broadcast to another tensor's (local) shape
@@ -97,8 +96,9 @@ RULES.update({
     aten.new_zeros.default: along.fresh, aten.new_ones.default: along.fresh, aten.new_full.default: along.fresh,
     aten.new_empty.default: along.fresh,
 })
-for _op in (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_tensor_metadata.default):
-    RULES[_op] = lambda ctx, node: None  # an int (eager code reads local sizes by itself), or a dtype assert
+RULES.update(dict.fromkeys((aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+                             aten._assert_tensor_metadata.default),
+                            lambda ctx, node: None))  # an int (eager code reads local sizes itself), a dtype assert
 
 
 def rule_for(target: Any) -> Callable[[Ctx, fx.Node], Any] | None:
