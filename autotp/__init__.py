@@ -25,11 +25,13 @@ from autotp.io.load import from_pretrained
 from autotp.plan import Entry, Plan, load_plan
 from autotp.runtime.collectives import counting as count_collectives
 from autotp.runtime.layers import ColumnParallelLinear, RowParallelLinear
+from autotp.runtime.loss import cross_entropy, loss_parallel
 from autotp.runtime.profile import Profile, profile
 from autotp.runtime.training import clip_grad_norm_
 
 __all__ = ["make_plan", "parallelize", "profile", "load_plan", "Plan", "Entry", "Profile", "ColumnParallelLinear",
            "RowParallelLinear", "AutoTPError", "CaptureError", "GroupError", "PlanFormatError", "PlanMismatchError",
            "RewriteError", "ShardingError", "from_pretrained", "save_sharded", "load_sharded", "consolidate", "CheckpointError",
-           "RankError", "check_plan", "count_collectives", "clip_grad_norm_", "to_hf_tp_plan", "from_hf_tp_plan"]
+           "RankError", "check_plan", "count_collectives", "clip_grad_norm_", "to_hf_tp_plan", "from_hf_tp_plan",
+           "cross_entropy", "loss_parallel"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from autotp.runtime.collectives import NO_COMM, all_reduce, gather_linear
 from autotp.runtime.fg import CopyCache, copy_to_tp, gather_from_tp, reduce_from_tp
+from autotp.runtime.loss import SHARDED_LOGITS, sharded_logits
 from autotp.split import Split, shard_ranges
 
 
@@ -113,6 +114,9 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather:
+            if SHARDED_LOGITS[0] and self.tp > 1 and self.group is not NO_COMM:  # loss_parallel(): kept sharded
+                return sharded_logits(self._linear(copy_to_tp(x, self.group, self.copies), self.bias), self.group,
+                                      self.rank, self.tp, self.widths)
             if self.tp > 1 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
                 y = gather_linear(x, self.weight, self.bias, self.in_out, self.group, self.tp, self.widths)
                 if y is not None:
