@@ -82,6 +82,18 @@ def counting() -> Iterator[Counter]:
         _COUNTING.remove(c)
 
 
+_MESHES: dict[int, Any] = {}
+
+
+def mesh_of(group: Any):
+    """The one-dimensional DeviceMesh of ``group`` (for DTensors over it), made once per group."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if id(group) not in _MESHES:
+        _MESHES[id(group)] = DeviceMesh.from_group(group, "cpu")
+    return _MESHES[id(group)]
+
+
 DTENSOR_MODULES: list[Any] = []  # 'global' modules installed in this process: their DTensors communicate too
 _FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
                "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}

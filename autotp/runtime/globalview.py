@@ -29,17 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map, tree_map_only
 
-from autotp.runtime.collectives import DTENSOR_MODULES, NO_COMM
-
-_MESHES: dict[int, Any] = {}
-
-
-def _mesh(group: Any):
-    from torch.distributed.device_mesh import DeviceMesh
-
-    if id(group) not in _MESHES:
-        _MESHES[id(group)] = DeviceMesh.from_group(group, "cpu")
-    return _MESHES[id(group)]
+from autotp.runtime.collectives import DTENSOR_MODULES, NO_COMM, mesh_of
 
 
 def sharded_children(module: nn.Module) -> dict[str, nn.Module]:
@@ -114,7 +104,7 @@ class GlobalView:
             return torch.cat([y] * self.tp, -1) if sharded else y
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        mesh = _mesh(self.group)
+        mesh = mesh_of(self.group)
         if not sharded:
             return DTensor.from_local(y, mesh, [Replicate()], run_check=False)
         if seg and len(seg) > 1:  # [q_r, k_r, v_r]: one sharded DTensor per segment, in the global order
@@ -136,7 +126,7 @@ class GlobalView:
         from torch.distributed.tensor.experimental import implicit_replication
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        mesh = _mesh(self.group)
+        mesh = mesh_of(self.group)
 
         def rep(t: Any) -> Any:
             if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.is_floating_point():

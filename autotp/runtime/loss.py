@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from autotp.runtime.collectives import NO_COMM, all_gather_last
+from autotp.runtime.collectives import NO_COMM, all_gather_last, mesh_of
 
 SHARDED_LOGITS = [False]  # inside loss_parallel(): gathered heads return their slice as a DTensor
 
@@ -41,12 +41,6 @@ def loss_parallel() -> Iterator[None]:
             yield
     finally:
         SHARDED_LOGITS[0] = was
-
-
-def mesh_of(group: Any):
-    from autotp.runtime.globalview import _mesh
-
-    return _mesh(group)
 
 
 def sharded_logits(y: torch.Tensor, group: Any, rank: int, tp: int, widths: tuple[int, ...] | None) -> Any:
