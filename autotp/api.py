@@ -13,7 +13,7 @@ from autotp import pieces
 from autotp.capture.export import capture
 from autotp.capture.inputs import default_inputs
 from autotp.errors import AutoTPError, CaptureError, GroupError, PlanMismatchError, report
-from autotp.plan import Plan, compress, glob_of, load_plan, summarize
+from autotp.plan import Plan, compress, glob_of, line_path, load_plan, summarize
 from autotp.planner import blocks
 from autotp.planner.check import check_graph, needs_translation_check
 from autotp.planner.groups import Analysis, plan_graph
@@ -160,7 +160,7 @@ def check_plan(model: nn.Module, plan: Plan | str | Path, *, example_inputs: Any
                      graph=c.graph) from e
     if not problems and needs_translation_check(plan):
         for owner, msg, _ in verify(model, a, c, example_inputs):
-            what = f"module '{glob_of(owner) or '<root>'}': {msg}" if owner is not None else \
+            what = f"module '{line_path(glob_of(owner))}': {msg}" if owner is not None else \
                 f"the sharded model does not run: {msg.split(' Fix:')[0].rstrip('.')}"
             problems.append(f"{what}. Its code uses global sizes along a sharded dim: the plan needs a 'patch' or "
                             f"'localize' line for it, or that group replicated (autotp.make_plan does either)")

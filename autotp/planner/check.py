@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from autotp.capture.export import Captured
 from autotp.errors import ShardingError
-from autotp.plan import Entry, Plan, glob_of
+from autotp.plan import Entry, Plan, glob_of, line_path
 from autotp.planner.explain import at_source, describe
 from autotp.planner.groups import Analysis
 from autotp.planner.layouts import Need, NoRule, Rep, Shard
@@ -147,9 +147,9 @@ class _Checker:
                     e = self.entry(m)
                     line = "no plan line" if e is None else f"line {e.line}: {e.style}"
                     holder = _which(self.entry(by.rpartition(".")[0]), by)
-                    self.add(f"module '{m or '<root>'}' ({line}) computes with "
+                    self.add(f"module '{line_path(m)}' ({line}) computes with "
                              f"'{mine or name}', which is tied to '{by}': {holder} "
-                             f"shards that tensor (dim {split.dim}) for every module holding it, so '{m or '<root>'}' "
+                             f"shards that tensor (dim {split.dim}) for every module holding it, so '{line_path(m)}' "
                              f"would see this rank's slice only. Fix: give it the matching line (a tied head: "
                              f"'colwise ... gather=1', as autotp.make_plan writes), or replicate both")
 
@@ -293,9 +293,9 @@ class _Checker:
             mine = [g for g in outer if inside(path, g) and (e.style != "global" or g != path)]
             if not mine:
                 continue
-            g = glob_of(mine[0]) or "<root>"
+            g = line_path(glob_of(mine[0]))
             if e.style in ("patch", "localize", "sum_grad", "global"):
-                self.add(f"{_which(e, path)}: '{glob_of(path) or '<root>'}' {e.style} lies inside '{g}', a global "
+                self.add(f"{_which(e, path)}: '{line_path(glob_of(path))}' {e.style} lies inside '{g}', a global "
                          f"module, whose code sees global sizes and whose gradients DTensor sums. Fix: drop the line")
             elif e.get("split") or e.get("rep"):
                 self.add(f"{_which(e, path)}: '{glob_of(path)}' inside the global module '{g}' is split unevenly or "

@@ -12,7 +12,7 @@ import torch.fx as fx
 from autotp.capture.export import Captured
 from autotp.capture.source import of_node
 from autotp.errors import ShardingError
-from autotp.plan import glob_of
+from autotp.plan import glob_of, line_path
 from autotp.planner.sites import op_name
 
 
@@ -46,7 +46,7 @@ def where(c: Captured, n: fx.Node) -> str:
     """A node as a reader sees it: its op and the module (glob) it runs in, not its graph-local name."""
     if n.op == "placeholder":
         return f"input '{n.target}'"
-    return f"{op_name(n)} in '{glob_of(c.owner(n)) or '<root>'}'"
+    return f"{op_name(n)} in '{line_path(glob_of(c.owner(n)))}'"
 
 
 def indivisible_error(fails: list, tp: int) -> ShardingError:

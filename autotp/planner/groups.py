@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch.fx as fx
 
 from autotp.capture.export import Captured
-from autotp.plan import Entry, Plan, common_path, compress, glob_of, summarize
+from autotp.plan import Entry, Plan, common_path, compress, glob_of, line_path, summarize
 from autotp.planner.explain import describe, indivisible_error, where
 from autotp.planner.layouts import Need, NoRule, Rep, Shard
 from autotp.planner.lines import experts_entry, vocab_reason
@@ -125,12 +125,12 @@ def plan_graph(c: Captured, tp: int, *, model: str = "", strict: bool = True,
         holder = common_path([x.module for x in cols + rows])
         gname = glob_of(holder)
         taken[holder] = taken.get(holder, 0) + 1  # several groups in one module: numbered in graph order
-        gid = (gname or "<root>") + (f"#{taken[holder]}" if taken[holder] > 1 else "")
+        gid = line_path(gname) + (f"#{taken[holder]}" if taken[holder] > 1 else "")
         for x in cols:
-            roles[x.node], reasons[x.node] = "colwise", f"opens group {gname or '<root>'}"
+            roles[x.node], reasons[x.node] = "colwise", f"opens group {line_path(gname)}"
             group_of[x.node] = gid
         for x in rows:
-            roles[x.node], reasons[x.node] = "rowwise", f"closes group {gname or '<root>'}: one all-reduce"
+            roles[x.node], reasons[x.node] = "rowwise", f"closes group {line_path(gname)}: one all-reduce"
             group_of[x.node] = gid
     if strict and indivisible:
         raise indivisible_error(indivisible, tp)

@@ -13,6 +13,7 @@ from typing import Any
 import torch.fx as fx
 
 from autotp.capture.export import Captured
+from autotp.plan import line_path
 from autotp.planner.grads import activation_grads
 from autotp.planner.layouts import Need, NoRule, Shard
 from autotp.planner.rules import rule_for
@@ -174,7 +175,7 @@ class Propagation:
         for a in ins:
             if isinstance(a, fx.Node) and a in need and self.layout(a) is None:
                 raise NoRule(f"{n.name} ({n.target}) combines a sharded value with a replicated one that needs its "
-                             f"gradient ({op_name(a)} in '{self.c.owner(a) or '<root>'}'): each rank would "
+                             f"gradient ({op_name(a)} in '{line_path(self.c.owner(a))}'): each rank would "
                              f"back-propagate only part of that gradient")
 
     def grow(self, cols: list[Site]) -> list[Site]:

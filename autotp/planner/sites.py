@@ -17,7 +17,7 @@ import torch.fx as fx
 from autotp.capture import source
 from autotp.capture.export import Captured
 from autotp.errors import ShardingError
-from autotp.plan import glob_of
+from autotp.plan import glob_of, line_path
 
 aten = torch.ops.aten
 TRANSPOSES = {aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default, aten.mT.default,
@@ -199,9 +199,9 @@ def partial_grads(c: Captured, layouts: dict, swapped: set[str]) -> dict[str, li
                     plain.append(u)
         if meets and plain:
             raise ShardingError(f"parameter {name} is used both on sharded values (by {op_name(meets[0])} in "
-                                f"'{glob_of(Captured.owner(meets[0])) or '<root>'}'{source.at(source.of_node(meets[0]))})"
+                                f"'{line_path(glob_of(Captured.owner(meets[0])))}'{source.at(source.of_node(meets[0]))})"
                                 f" and on replicated ones (by {op_name(plain[0])} in "
-                                f"'{glob_of(Captured.owner(plain[0])) or '<root>'}'{source.at(source.of_node(plain[0]))})"
+                                f"'{line_path(glob_of(Captured.owner(plain[0])))}'{source.at(source.of_node(plain[0]))})"
                                 f"; its gradient cannot be made exact. Fix: "
                                 f"edit the plan to replicate the layers around '{Captured.owner(meets[0])}'.")
         if meets:
@@ -290,7 +290,7 @@ def _purity(c: Captured, s: Site, own: list[fx.Node]) -> str | None:
         return (f"its weight {s.weight.rpartition('.')[2]} is a parameter of the module, not a linear layer's "
                 f"weight/bias{also}: no sharded layer can stand in for the module")
     if c.owner(s.node) != s.module:
-        return (f"its weight is applied by '{glob_of(c.owner(s.node)) or '<root>'}' itself, not by calling "
+        return (f"its weight is applied by '{line_path(glob_of(c.owner(s.node)))}' itself, not by calling "
                 f"'{glob_of(s.module)}': a sharded layer swapped in for it would not run")
     extra = [n for n in own if n is not s.node and n.target not in SHAPE_ONLY | TRANSPOSES
              and not (n.target is aten.add.Tensor and n.args[0] is s.node)]
@@ -381,7 +381,7 @@ def _keeps_partial(u: fx.Node, p: fx.Node, partial: set[fx.Node]) -> bool:
 
 
 def _name(c: Captured, n: fx.Node) -> str:
-    return f"'{n.target}'" if n.op == "placeholder" else f"({op_name(n)} in '{c.owner(n) or '<root>'}')"
+    return f"'{n.target}'" if n.op == "placeholder" else f"({op_name(n)} in '{line_path(c.owner(n))}')"
 
 
 def op_name(n: fx.Node) -> str:

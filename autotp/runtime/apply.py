@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_map_only
 
 from autotp.capture.export import capture, meta_copy
 from autotp.errors import PlanMismatchError, RewriteError
-from autotp.plan import Entry, Plan
+from autotp.plan import Entry, Plan, line_path
 from autotp.planner.resolve import resolve, resolve_slices
 from autotp.planner.slicing import inside
 from autotp.runtime import collectives
@@ -186,7 +186,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, rank: int, tp: int, group: Any, 
                 graphs[mode], _ = trace_localized(mod, dense.get_submodule(p), local, *inputs[p], share)
             except Exception as e:  # noqa: BLE001 - named by module, for the plan check to replicate its groups
                 err = e if isinstance(e, RewriteError) else RewriteError(
-                    f"module '{p or '<root>'}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
+                    f"module '{line_path(p)}' ({type(mod).__name__}) cannot be localized: {type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
                 err.module = p
                 raise err from e

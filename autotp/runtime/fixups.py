@@ -111,7 +111,7 @@ def unproven_layers(a: Analysis, problems: list[tuple[str | None, str, Any]]) ->
     (all groups when the rewritten model did not run at all), each with the reason for its plan line."""
     out: dict[str, str] = {}
     for owner, msg, node in problems:
-        where = f"'{glob_of(owner) or '<root>'}'" if owner is not None else "the model"
+        where = f"'{line_path(glob_of(owner))}'" if owner is not None else "the model"
         said = msg.split(" Fix:")[0][:200].replace(f"'{owner}'", f"'{glob_of(owner)}'") if owner else msg[:200]
         why = f"sharding it changes what {where} computes ({said})"
         for (cols, rows), nodes in zip(a.groups, a.group_nodes):

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from autotp.capture.export import Captured, capture, meta_copy
 from autotp.errors import CaptureError, RewriteError
-from autotp.plan import glob_regex
+from autotp.plan import glob_regex, line_path
 from autotp.planner.groups import Analysis
 from autotp.planner.resolve import resolve
 from autotp.planner.sites import op_name
@@ -86,12 +86,12 @@ def _compare(c: Captured, c2: Captured, layouts: dict, swapped: set[str], tp: in
             if lay is not None and not isinstance(lay, list):
                 want = lay.local(want, tp, rank)
             if list(c2.shape(m)) != want:
-                problems.append((owner, f"{op_name(n)} in '{owner or '<root>'}' (sizes {_sizes(n)}): local shape "
+                problems.append((owner, f"{op_name(n)} in '{line_path(owner)}' (sizes {_sizes(n)}): local shape "
                                         f"{list(c2.shape(m))}, expected {want}", n))
                 continue
             changed = _scalar_change(n, m)
             if changed:
-                problems.append((owner, f"{op_name(n)} in '{owner or '<root>'}' {changed} at local shapes: a Python "
+                problems.append((owner, f"{op_name(n)} in '{line_path(owner)}' {changed} at local shapes: a Python "
                                         f"number the code computes from a size along a sharded dim", n))
     return problems
 
